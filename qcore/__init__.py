@@ -1,0 +1,60 @@
+"""qcore: post-training and quantization-aware quantization for PyTorch, with plugin backends.
+
+Importing qcore loads no plugin and no backend: plugins load on first use.
+
+>>> import qcore
+>>> qcore.hookimpl.project_name
+'qcore'
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from qcore.hookspecs import hookimpl
+from qcore.records import Annotator, Backend, LoweringContext, LoweringPass
+from qcore.spec import (
+    DerivedQuantizationSpec,
+    FixedQParamsQuantizationSpec,
+    QuantizationAnnotation,
+    QuantizationConfig,
+    QuantizationSpec,
+    QuantizationSpecBase,
+    SharedQuantizationSpec,
+)
+from qcore.quantizer import BackendQuantizer, ComposableQuantizer, Quantizer
+from qcore.pipeline import (
+    convert_pt2e,
+    lower,
+    move_exported_model_to_eval,
+    move_exported_model_to_train,
+    prepare_pt2e,
+    prepare_qat_pt2e,
+)
+from qcore.plugin_manager import get_plugin_manager
+
+__all__ = [
+    "__version__",
+    "hookimpl",
+    "Annotator",
+    "Backend",
+    "LoweringContext",
+    "LoweringPass",
+    "QuantizationSpecBase",
+    "QuantizationSpec",
+    "FixedQParamsQuantizationSpec",
+    "SharedQuantizationSpec",
+    "DerivedQuantizationSpec",
+    "QuantizationAnnotation",
+    "QuantizationConfig",
+    "Quantizer",
+    "BackendQuantizer",
+    "ComposableQuantizer",
+    "prepare_pt2e",
+    "prepare_qat_pt2e",
+    "convert_pt2e",
+    "move_exported_model_to_eval",
+    "move_exported_model_to_train",
+    "lower",
+    "get_plugin_manager",
+]

@@ -1,0 +1,225 @@
+"""Helpers annotators use: read, add and claim annotations, scope filters, and the guard
+that stops a later annotator from changing what an earlier one decided.
+
+>>> import torch
+>>> gm = torch.export.export(torch.nn.ReLU(), (torch.randn(2),)).module()
+>>> relu = next(n for n in gm.graph.nodes if n.op == "call_function")
+>>> is_annotated(relu)
+False
+>>> mark_annotated([relu]); is_annotated(relu)
+True
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qcore.errors import AnnotationConflictError
+from qcore.spec import QuantizationAnnotation, QuantizationSpecBase
+
+ANNOTATION_KEY = "quantization_annotation"
+
+FilterFn = Callable[[Node], bool]
+
+
+def get_annotation(node: Node) -> Optional[QuantizationAnnotation]:
+    """The node's annotation, or None."""
+    return node.meta.get(ANNOTATION_KEY)
+
+
+def _get_or_create(node: Node) -> QuantizationAnnotation:
+    annotation = node.meta.get(ANNOTATION_KEY)
+    if annotation is None:
+        annotation = QuantizationAnnotation()
+        node.meta[ANNOTATION_KEY] = annotation
+    return annotation
+
+
+def annotate_input(node: Node, input_node: Node, spec: Optional[QuantizationSpecBase]) -> None:
+    """Set the spec of the edge ``input_node -> node`` (None: explicitly not quantized)."""
+    _get_or_create(node).input_qspec_map[input_node] = spec
+
+
+def annotate_output(node: Node, spec: Optional[QuantizationSpecBase]) -> None:
+    """Set the spec of ``node``'s output."""
+    _get_or_create(node).output_qspec = spec
+
+
+def is_annotated(nodes: Node | Iterable[Optional[Node]]) -> bool:
+    """True if any of the nodes has been claimed by an annotator."""
+    if isinstance(nodes, Node):
+        nodes = [nodes]
+    for node in nodes:
+        if node is None:
+            continue
+        annotation = node.meta.get(ANNOTATION_KEY)
+        if annotation is not None and annotation._annotated:
+            return True
+    return False
+
+
+def mark_annotated(nodes: Iterable[Optional[Node]]) -> None:
+    """Claim the nodes (an empty annotation is created where there is none)."""
+    for node in nodes:
+        if node is not None:
+            _get_or_create(node)._annotated = True
+
+
+def has_output_spec(node: Any) -> bool:
+    """True if ``node`` is a Node whose annotation gives its output a spec."""
+    if not isinstance(node, Node):
+        return False
+    annotation = node.meta.get(ANNOTATION_KEY)
+    return annotation is not None and annotation.output_qspec is not None
+
+
+# ----------------------------------------------------------------------------- scope filters
+def _module_stack(node: Node) -> Optional[dict]:
+    return node.meta.get("nn_module_stack")
+
+
+def _normalize_path(path: str) -> str:
+    for prefix in ("L['self'].", "L__self__."):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+    return path
+
+
+def _type_name(cls: Any) -> str:
+    if isinstance(cls, str):
+        return cls
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def module_name_filter(name: str) -> FilterFn:
+    """Accept nodes created inside the module at path ``name`` (any enclosing module counts).
+
+    Nodes without a module stack (weights, placeholders) are accepted: their consumer decides.
+    """
+
+    def accept(node: Node) -> bool:
+        stack = _module_stack(node)
+        if stack is None:
+            return True
+        return any(_normalize_path(path) == name for path, _ in stack.values())
+
+    accept.__name__ = f"module_name_filter({name!r})"
+    return accept
+
+
+def module_type_filter(module_type: type) -> FilterFn:
+    """Accept nodes created inside a module of class ``module_type``."""
+    wanted = _type_name(module_type)
+
+    def accept(node: Node) -> bool:
+        stack = _module_stack(node)
+        if stack is None:
+            return True
+        return any(_type_name(cls) == wanted for _, cls in stack.values())
+
+    accept.__name__ = f"module_type_filter({wanted})"
+    return accept
+
+
+def operator_type_filter(op: Any) -> FilterFn:
+    """Accept nodes calling ``op`` (an overload such as ``aten.conv2d.default`` or its packet).
+
+    Nodes that are not calls (weights, placeholders) are accepted: their consumer decides.
+    """
+
+    def accept(node: Node) -> bool:
+        if node.op != "call_function":
+            return True
+        target = node.target
+        return target is op or getattr(target, "overloadpacket", None) is op
+
+    accept.__name__ = f"operator_type_filter({op})"
+    return accept
+
+
+def not_any_filter(filters: list[FilterFn]) -> FilterFn:
+    """Accept compute nodes that none of ``filters`` claims (the global scope)."""
+
+    def accept(node: Node) -> bool:
+        if node.op != "call_function" or _module_stack(node) is None:
+            return True
+        return not any(f(node) for f in filters)
+
+    accept.__name__ = "global_scope_filter"
+    return accept
+
+
+# ----------------------------------------------------------------------------- the guard
+class AnnotationSnapshot:
+    """What every annotated node looked like before an annotator ran."""
+
+    def __init__(self, model: GraphModule) -> None:
+        self.entries: dict[Node, tuple] = {}
+        for node in model.graph.nodes:
+            annotation = node.meta.get(ANNOTATION_KEY)
+            if annotation is not None:
+                self.entries[node] = (
+                    annotation,
+                    dict(annotation.input_qspec_map),
+                    annotation.output_qspec,
+                    annotation._annotated,
+                    annotation.allow_implicit_sharing,
+                )
+
+    def check_only_added(self, who: str) -> None:
+        """Raise if an earlier annotation was changed or removed; ``who`` names the annotator."""
+        for node, (old, inputs, output, claimed, sharing) in self.entries.items():
+            current = node.meta.get(ANNOTATION_KEY)
+            problem = None
+            if node.graph is None or current is None:
+                problem = "removed the annotation"
+            else:
+                for key, spec in inputs.items():
+                    if key not in current.input_qspec_map:
+                        problem = f"removed the spec of input {key.name!r}"
+                        break
+                    if not _same_spec(current.input_qspec_map[key], spec):
+                        problem = f"changed the spec of input {key.name!r}"
+                        break
+                if problem is None and output is not None and not _same_spec(current.output_qspec, output):
+                    problem = "changed the output spec"
+                if problem is None and claimed and not current._annotated:
+                    problem = "un-claimed the node"
+                if problem is None and sharing != current.allow_implicit_sharing and (inputs or output is not None):
+                    problem = "changed allow_implicit_sharing"
+            if problem is not None:
+                raise AnnotationConflictError(
+                    f"{who} {problem} of node {node.name!r}, which an earlier annotator had set; "
+                    f"annotators may add annotations but never change or remove earlier ones"
+                )
+
+
+def _same_spec(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def run_guarded(who: str, model: GraphModule, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` (which annotates ``model``) and check it only added annotations."""
+    snapshot = AnnotationSnapshot(model)
+    result = fn()
+    snapshot.check_only_added(who)
+    return result
+
+
+def node_val(node: Any) -> Any:
+    """The example value (a FakeTensor, usually) export recorded for ``node``, or None."""
+    return node.meta.get("val") if isinstance(node, Node) else None
+
+
+def is_float_tensor_node(node: Any) -> bool:
+    """True if ``node`` produces a single floating-point tensor."""
+    val = node_val(node)
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point

@@ -1,0 +1,206 @@
+"""The public verbs: prepare, convert, switch mode, lower.
+
+They keep the names and arguments of the old ``torch.ao.quantization.quantize_pt2e`` flow, so
+code written for it ports by changing imports, and they reach every plugin through the hooks.
+None of them changes the model it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+from torch.fx import GraphModule
+
+from qcore.coverage import report_coverage
+from qcore.errors import ConvertError, NotExportedError
+from qcore.graph_copy import copy_graph_module, remap_annotations
+from qcore.passes.convert_observers import convert_observers, is_obs_or_fq_node
+from qcore.passes.duplicate_dequantize import duplicate_dequantize
+from qcore.passes.fold_weight_quantize import fold_weight_quantize
+from qcore.passes.insert_observers import OBS_OR_FQ_CALLBACK_META, PREPARED_META
+from qcore.passes.train_eval import set_training_mode
+from qcore.plugin_manager import get_plugin_manager
+from qcore.records import LoweringContext
+
+log = logging.getLogger(__name__)
+
+CONVERTED_META = "qcore_converted"
+
+_HOW_TO_EXPORT = (
+    "capture it first: `model = torch.export.export(float_model, example_inputs).module()` "
+    "and pass that GraphModule"
+)
+
+
+def _check_exported(model: Any, verb: str) -> None:
+    if not isinstance(model, GraphModule):
+        raise NotExportedError(f"{verb} expects an exported torch.fx.GraphModule, got {type(model).__name__}; {_HOW_TO_EXPORT}")
+    for node in model.graph.nodes:
+        if node.op == "call_function" and not isinstance(node.target, torch._ops.OpOverload):
+            if node.target.__module__ in ("_operator", "operator") or getattr(node.target, "__name__", "") == "getitem":
+                continue
+            raise NotExportedError(
+                f"{verb} expects an aten-level graph from torch.export, but node {node.name!r} calls "
+                f"{getattr(node.target, '__qualname__', node.target)} (a symbolic_trace graph?); {_HOW_TO_EXPORT}"
+            )
+
+
+def _check_quantizer(quantizer: Any) -> None:
+    missing = [name for name in ("annotate", "validate") if not callable(getattr(quantizer, name, None))]
+    if missing:
+        raise TypeError(
+            f"expected a quantizer (an object with annotate, validate and optionally "
+            f"transform_for_annotation), got {type(quantizer).__name__} without {', '.join(missing)}"
+        )
+
+
+def _prepare(model: GraphModule, quantizer: Any, is_qat: bool, verb: str) -> GraphModule:
+    _check_exported(model, verb)
+    _check_quantizer(quantizer)
+    model, _ = copy_graph_module(model)
+    transform = getattr(quantizer, "transform_for_annotation", None)
+    if callable(transform):
+        model = transform(model)
+    quantizer.annotate(model)
+    quantizer.validate(model)
+    remap_annotations(model)  # foreign spec classes -> qcore's
+    report_coverage(model, f"{type(quantizer).__name__}")
+    manager = get_plugin_manager()
+    if is_qat:
+        manager.fuse_qat(model)
+    callback = getattr(quantizer, "prepare_obs_or_fq_callback", None)
+    if callable(callback):
+        model.meta[OBS_OR_FQ_CALLBACK_META] = callback
+    prepared = manager.insert_observers(model, is_qat=is_qat)
+    model.meta.pop(OBS_OR_FQ_CALLBACK_META, None)
+    prepared.meta.pop(OBS_OR_FQ_CALLBACK_META, None)
+    prepared.meta[PREPARED_META] = {"is_qat": is_qat}
+    return prepared
+
+
+def prepare_pt2e(model: GraphModule, quantizer: Any) -> GraphModule:
+    """Annotate ``model`` with ``quantizer`` and insert observers, ready for calibration.
+
+    >>> import torch, qcore
+    >>> from qcore.testing.toy import ToyLinearQuantizer
+    >>> float_model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> example = (torch.randn(2, 4),)
+    >>> exported = torch.export.export(float_model, example).module()
+    >>> prepared = qcore.prepare_pt2e(exported, ToyLinearQuantizer())
+    >>> _ = prepared(*example)                        # calibrate
+    >>> converted = qcore.convert_pt2e(prepared)
+    >>> converted(*example).shape
+    torch.Size([2, 4])
+    """
+    return _prepare(model, quantizer, is_qat=False, verb="prepare_pt2e")
+
+
+def prepare_qat_pt2e(model: GraphModule, quantizer: Any) -> GraphModule:
+    """Like :func:`prepare_pt2e` for quantization-aware training: conv-bn is fused for training
+    and the quantizer's fake-quantizers are inserted.
+
+    >>> import torch, qcore
+    >>> from qcore.testing.toy import ToyLinearQuantizer
+    >>> exported = torch.export.export(torch.nn.Linear(4, 4), (torch.randn(2, 4),)).module()
+    >>> prepared = qcore.prepare_qat_pt2e(exported, ToyLinearQuantizer(is_qat=True))
+    >>> prepared.meta["qcore_prepared"]["is_qat"]
+    True
+    """
+    return _prepare(model, quantizer, is_qat=True, verb="prepare_qat_pt2e")
+
+
+def convert_pt2e(
+    model: GraphModule,
+    use_reference_representation: bool = False,
+    fold_quantize: bool = True,
+) -> GraphModule:
+    """Replace observers with quantize/dequantize ops (weights stored as integers if
+    ``fold_quantize``), returning a new GraphModule.
+
+    >>> import torch, qcore
+    >>> from qcore.testing.toy import ToyLinearQuantizer
+    >>> example = (torch.randn(2, 4),)
+    >>> prepared = qcore.prepare_pt2e(torch.export.export(torch.nn.Linear(4, 4), example).module(),
+    ...                               ToyLinearQuantizer())
+    >>> _ = prepared(*example)
+    >>> converted = qcore.convert_pt2e(prepared)
+    >>> sorted({n.target.__name__ for n in converted.graph.nodes if "quantize" in str(n.target)})
+    ['dequantize_per_channel.default', 'dequantize_per_tensor.default', 'quantize_per_tensor.default']
+    """
+    for name, value in (("use_reference_representation", use_reference_representation), ("fold_quantize", fold_quantize)):
+        if not isinstance(value, bool):
+            raise TypeError(f"convert_pt2e: {name} must be True or False, got {value!r}")
+    _check_exported(model, "convert_pt2e")
+    if not model.meta.get(PREPARED_META) and not any(is_obs_or_fq_node(model, n) for n in model.graph.nodes):
+        raise ConvertError(
+            "convert_pt2e expects a model returned by prepare_pt2e or prepare_qat_pt2e (it has no observers); "
+            "call qcore.prepare_pt2e(model, quantizer) and calibrate it first"
+        )
+    model, _ = copy_graph_module(model, copy_tensors=False)
+    convert_observers(model)
+    duplicate_dequantize(model)
+    if fold_quantize:
+        fold_weight_quantize(model)
+    if use_reference_representation:
+        from qcore.passes.reference_representation import rewrite_to_reference_representation
+
+        rewrite_to_reference_representation(model)
+    model.graph.eliminate_dead_code()
+    model.graph.lint()
+    model.recompile()
+    model.meta.pop(PREPARED_META, None)
+    model.meta[CONVERTED_META] = True
+    return model
+
+
+def move_exported_model_to_eval(model: GraphModule) -> GraphModule:
+    """Make batch norm use running statistics and dropout do nothing, in place.
+
+    The user's batch-norm eps and momentum and dropout p are kept.
+
+    >>> import torch, qcore
+    >>> m = torch.export.export(torch.nn.Dropout(0.3), (torch.randn(4),)).module()
+    >>> qcore.move_exported_model_to_eval(m).training
+    False
+    """
+    set_training_mode(model, False)
+    return model
+
+
+def move_exported_model_to_train(model: GraphModule) -> GraphModule:
+    """Make batch norm use batch statistics and dropout active, in place.
+
+    >>> import torch, qcore
+    >>> m = torch.export.export(torch.nn.Dropout(0.3), (torch.randn(4),)).module()
+    >>> qcore.move_exported_model_to_train(m).training
+    True
+    """
+    set_training_mode(model, True)
+    return model
+
+
+def lower(model: GraphModule, backend: str, example_inputs: Optional[tuple] = None) -> GraphModule:
+    """Rewrite a converted q/dq model into ``backend``'s kernels with every plugin's lowering
+    passes; returns a new GraphModule that runs eagerly.
+
+    >>> import qcore
+    >>> qcore.lower(None, backend="no-such-backend")
+    Traceback (most recent call last):
+    ...
+    qcore.errors.UnknownBackendError: unknown backend 'no-such-backend'; installed backends: ...
+    """
+    manager = get_plugin_manager()
+    manager.get_backend(backend)
+    _check_exported(model, "lower")
+    model, _ = copy_graph_module(model, copy_tensors=False)
+    context = LoweringContext(backend=backend, example_inputs=tuple(example_inputs) if example_inputs is not None else None)
+    for lowering_pass in manager.lowering_passes(backend):
+        changed = lowering_pass.fn(model, context)
+        context.applied.append((lowering_pass.name, bool(changed)))
+        if changed:
+            model.graph.lint()
+            model.recompile()
+    model.meta["qcore_lowered"] = {"backend": backend, "passes": list(context.applied), "counters": dict(context.counters)}
+    return model

@@ -1,0 +1,14 @@
+"""The core's own default hook implementations, loaded like any plugin (name ``qcore``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qcore.hookspecs import hookimpl
+
+
+@hookimpl(trylast=True)
+def insert_observers(model: Any, is_qat: bool) -> Any:
+    from qcore.passes.insert_observers import insert_observers as insert
+
+    return insert(model, is_qat=is_qat)

@@ -1,0 +1,129 @@
+"""Typed records that plugins return from qcore's registration-style hooks.
+
+A plugin never hands qcore a bare function: it hands a record that says what the function is
+for, so that qcore can order, list and check contributions from many plugins.
+
+>>> from qcore.records import Backend
+>>> Backend(name="toy", quantizer_class=object, description="a toy").name
+'toy'
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import attrs
+
+
+def _check_name(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str) or not value or not value.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(
+            f"{type(inst).__name__}.{attribute.name} must be a non-empty name of letters, digits, "
+            f"'_' or '-', got {value!r}"
+        )
+
+
+def _check_callable(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{type(inst).__name__}.{attribute.name} must be callable, got {value!r}")
+
+
+def _always_available() -> Optional[str]:
+    return None
+
+
+@attrs.frozen
+class Backend:
+    """A backend a plugin provides.
+
+    ``is_available()`` returns None when the backend can run here, or a sentence saying why not
+    (missing kernels, a missing optional package). ``distribution`` is filled in by qcore.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    quantizer_class: type = attrs.field()
+    description: str = ""
+    is_available: Callable[[], Optional[str]] = attrs.field(default=_always_available, validator=_check_callable)
+    plugin: str = ""
+    distribution: str = ""
+
+
+ALL_BACKENDS = "*"
+
+
+@attrs.frozen
+class Annotator:
+    """One op-pattern annotator, the unit the ``annotate_op`` hook contributes.
+
+    ``fn(model, config, filter_fn) -> list[list[Node]]`` annotates every match of ``pattern``
+    in ``model`` that ``filter_fn`` accepts, skipping nodes already claimed, and returns the
+    partitions it annotated. ``pattern`` names the ops of the fused pattern in data-flow order
+    (``("conv", "batch_norm", "relu")``): qcore runs longer patterns before shorter ones, so a
+    fused pattern claims its nodes before the annotator of one of its parts sees them.
+    Annotators with ``shares_input=True`` (max_pool2d, cat, ...) reuse their producer's
+    observer and run after every compute annotator.
+    ``modes`` says in which configs the annotator runs: "static", "dynamic", "qat".
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    fn: Callable[..., Any] = attrs.field(validator=_check_callable)
+    pattern: tuple = attrs.field(converter=tuple, default=())
+    backends: frozenset = attrs.field(converter=frozenset, default=frozenset({ALL_BACKENDS}))
+    modes: frozenset = attrs.field(converter=frozenset, default=frozenset({"static", "qat"}))
+    shares_input: bool = False
+    plugin: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        bad = set(self.modes) - {"static", "dynamic", "qat", "qat_only"}
+        if bad:
+            raise ValueError(
+                f"Annotator {self.name!r}: unknown modes {sorted(bad)}; "
+                f"allowed: 'static', 'dynamic', 'qat', 'qat_only'"
+            )
+
+    def runs_in(self, mode: str) -> bool:
+        """True if the annotator applies to a config of this mode ("static", "dynamic", "qat")."""
+        if "qat_only" in self.modes:
+            return mode == "qat"
+        return mode in self.modes
+
+    def serves(self, backend: str) -> bool:
+        return ALL_BACKENDS in self.backends or backend in self.backends
+
+    @property
+    def order_key(self) -> tuple:
+        """Sharing annotators last; longer fused patterns first; then by name (deterministic)."""
+        return (self.shares_input, -len(self.pattern), self.name, self.plugin)
+
+
+@attrs.frozen
+class LoweringPass:
+    """One graph pass a backend runs on the converted q/dq graph, the unit of ``lower_pattern``.
+
+    ``fn(model, context) -> bool`` rewrites ``model`` in place and returns whether it changed
+    anything. ``after`` names passes that must run first (missing names are ignored, so a
+    third-party pass can order itself after an optional one).
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    fn: Callable[..., bool] = attrs.field(validator=_check_callable)
+    backend: str = attrs.field(validator=_check_name)
+    after: tuple = attrs.field(converter=tuple, default=())
+    plugin: str = ""
+
+
+@attrs.define
+class LoweringContext:
+    """What a lowering pass gets besides the graph.
+
+    ``counters[name]`` counts matches per rewrite family (tests read them); ``applied`` lists
+    (pass name, changed) in run order.
+    """
+
+    backend: str
+    example_inputs: Optional[tuple] = None
+    counters: dict = attrs.field(factory=dict)
+    applied: list = attrs.field(factory=list)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n

@@ -1,0 +1,1 @@
+"""Test helpers qcore ships for plugin authors: a toy quantizer and the conformance suite."""
