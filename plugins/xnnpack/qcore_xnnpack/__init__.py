@@ -1,0 +1,1 @@
+"""qcore-xnnpack: int8 annotation for ExecuTorch's XNNPACK delegate, as a qcore plugin."""
