@@ -1,0 +1,38 @@
+"""The qcore hook implementations of the oneDNN x86 backend (logic lives beside this file)."""
+
+from __future__ import annotations
+
+import qcore
+
+
+@qcore.hookimpl
+def qcore_register_backends() -> list:
+    from qcore_onednn_x86.availability import onednn_unavailable_reason
+    from qcore_onednn_x86.quantizer import X86InductorQuantizer
+
+    return [
+        qcore.Backend(
+            name="onednn",
+            quantizer_class=X86InductorQuantizer,
+            description="x86 int8 (uint8 activations, int8 per-channel weights) lowered to oneDNN kernels",
+            is_available=onednn_unavailable_reason,
+        )
+    ]
+
+
+@qcore.hookimpl
+def annotate_op(backend: str) -> list:
+    if backend != "onednn":
+        return []
+    from qcore_onednn_x86.annotators import x86_annotators
+
+    return x86_annotators()
+
+
+@qcore.hookimpl
+def lower_pattern(backend: str) -> list:
+    if backend != "onednn":
+        return []
+    from qcore_onednn_x86.lowering import onednn_lowering_passes
+
+    return onednn_lowering_passes()

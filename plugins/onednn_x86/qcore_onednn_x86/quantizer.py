@@ -1,0 +1,26 @@
+"""``X86InductorQuantizer``: the quantizer for the ``onednn`` backend.
+
+Its annotators come from every plugin serving the backend ``"onednn"`` (this plugin's x86
+recipe first of all): uint8 affine per-tensor activations, int8 symmetric per-channel weights.
+
+>>> from qcore_onednn_x86 import X86InductorQuantizer, get_default_x86_inductor_quantization_config
+>>> q = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+>>> q.backend
+'onednn'
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import qcore
+
+
+class X86InductorQuantizer(qcore.BackendQuantizer):
+    """Annotates an exported model for x86 int8 inference through oneDNN.
+
+    Same setters as the old ``torch.ao`` X86InductorQuantizer: ``set_global``,
+    ``set_operator_type``, ``set_module_type``, ``set_module_name``.
+    """
+
+    backend: ClassVar[str] = "onednn"
