@@ -1,8 +1,45 @@
-"""The oneDNN lowering passes, one per file, as ``qcore.LoweringPass`` records."""
+"""The oneDNN lowering passes, one per file, as ``qcore.LoweringPass`` records.
+
+Order (declared with ``after``; unary before binary so that a binary conv's accumulator is
+already the uint8 output of the conv that produced it)::
+
+    promote_dequantize
+      ├─▶ prepack_conv_weights ─┐
+      └─▶ prepack_linear_weights┴▶ fuse_unary_post_ops ─▶ fuse_binary_post_ops
+            ─▶ lower_quantized_max_pool2d ─▶ lower_quantized_cat ─▶ lower_quantized_reshape
+            ─▶ reshape_channels_last_views
+"""
 
 from __future__ import annotations
+
+import qcore
+
+BACKEND = "onednn"
 
 
 def onednn_lowering_passes() -> list:
     """Every lowering pass of the backend (qcore orders them by ``after``)."""
-    return []
+    from qcore_onednn_x86.lowering.fuse_binary_post_ops import fuse_binary_post_ops
+    from qcore_onednn_x86.lowering.fuse_unary_post_ops import fuse_unary_post_ops
+    from qcore_onednn_x86.lowering.lower_quantized_cat import lower_quantized_cat
+    from qcore_onednn_x86.lowering.lower_quantized_max_pool2d import lower_quantized_max_pool2d
+    from qcore_onednn_x86.lowering.lower_quantized_reshape import lower_quantized_reshape
+    from qcore_onednn_x86.lowering.prepack_conv_weights import prepack_conv_weights
+    from qcore_onednn_x86.lowering.prepack_linear_weights import prepack_linear_weights
+    from qcore_onednn_x86.lowering.promote_dequantize import promote_dequantize
+    from qcore_onednn_x86.lowering.reshape_channels_last_views import reshape_channels_last_views
+
+    def record(fn, after=()):
+        return qcore.LoweringPass(name=fn.__name__, fn=fn, backend=BACKEND, after=after)
+
+    return [
+        record(promote_dequantize),
+        record(prepack_conv_weights, ("promote_dequantize",)),
+        record(prepack_linear_weights, ("promote_dequantize",)),
+        record(fuse_unary_post_ops, ("prepack_conv_weights", "prepack_linear_weights")),
+        record(fuse_binary_post_ops, ("fuse_unary_post_ops",)),
+        record(lower_quantized_max_pool2d, ("fuse_binary_post_ops",)),
+        record(lower_quantized_cat, ("lower_quantized_max_pool2d",)),
+        record(lower_quantized_reshape, ("lower_quantized_cat",)),
+        record(reshape_channels_last_views, ("lower_quantized_reshape",)),
+    ]

@@ -1,0 +1,165 @@
+"""What the x86 annotators share: op sets, node predicates, and the helpers that annotate a
+conv/linear node and claim a fused partition.
+
+The x86 recipe quantizes the *inputs* of a fused pattern (activation uint8 per tensor, weight
+int8 per channel, bias float) and leaves its output float: the output is quantized only when
+a consumer asks for it (the next conv's input, a max_pool2d...), which is the
+``dq -> conv -> [post-op] -> q`` island the oneDNN lowering fuses. The last node of a pattern
+is flagged ``node.meta[QUANTIZED_PATTERN_OUTPUT]`` so that observer-sharing ops (max_pool2d,
+cat, ...) only join a producer that is already int8-capable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch.fx import Node
+
+from qcore.annotation import (
+    annotate_input,
+    annotate_output,
+    get_annotation,
+    has_output_spec,
+    is_annotated,
+    mark_annotated,
+    node_val,
+)
+from qcore.spec import QuantizationConfig, get_input_act_qspec, get_output_act_qspec, get_weight_qspec
+
+aten = torch.ops.aten
+
+QUANTIZED_PATTERN_OUTPUT = "qcore_x86_quantized_pattern_output"
+
+FilterFn = Callable[[Node], bool]
+
+CONV_OPS = (aten.conv2d.default,)
+LINEAR_OPS = (aten.linear.default,)
+ADD_OPS = (aten.add.Tensor, aten.add_.Tensor)
+BATCH_NORM_OPS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
+RELU_OPS = (aten.relu.default, aten.relu_.default)
+
+# unary post-ops oneDNN fuses into conv (all) and linear (those marked)
+CONV_UNARY_OPS = (
+    aten.relu.default,
+    aten.relu_.default,
+    aten.relu6.default,
+    aten.relu6_.default,
+    aten.hardtanh.default,
+    aten.hardtanh_.default,
+    aten.hardswish.default,
+    aten.hardswish_.default,
+    aten.silu.default,
+    aten.silu_.default,
+)
+LINEAR_UNARY_OPS = CONV_UNARY_OPS + (aten.gelu.default, aten.gelu_.default)
+
+
+def is_call(node: Any, targets: Iterable[Any]) -> bool:
+    """True if ``node`` is a call_function node whose target is one of ``targets``."""
+    return isinstance(node, Node) and node.op == "call_function" and node.target in tuple(targets)
+
+
+def single_user(node: Node) -> Optional[Node]:
+    """The only user of ``node``, or None when it has zero or several."""
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def should_skip(nodes: Iterable[Optional[Node]], filter_fn: FilterFn) -> bool:
+    """Skip a partition when any node is already claimed or outside the current scope."""
+    nodes = [n for n in nodes if n is not None]
+    return is_annotated(nodes) or not all(filter_fn(n) for n in nodes)
+
+
+def same_shape(a: Any, b: Any) -> bool:
+    """True if both nodes carry tensor values of identical shapes (no broadcasting)."""
+    va, vb = node_val(a), node_val(b)
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and tuple(va.shape) == tuple(vb.shape)
+
+
+def is_float_activation(node: Any) -> bool:
+    """True if ``node`` produces a floating-point tensor (what can be quantized)."""
+    val = node_val(node)
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+
+
+def annotate_weighted_op(node: Node, config: QuantizationConfig) -> None:
+    """Quantize a conv/linear node's activation and weight inputs; the bias stays float."""
+    x, weight = node.args[0], node.args[1]
+    annotate_input(node, x, get_input_act_qspec(config))
+    annotate_input(node, weight, get_weight_qspec(config))
+    bias = node.args[2] if len(node.args) > 2 else None
+    if isinstance(bias, Node):
+        annotate_input(node, bias, None)
+
+
+def claim_partition(nodes: list[Node], output: Node, config: QuantizationConfig, quantize_output: bool = False) -> list[Node]:
+    """Claim ``nodes`` as one fused partition whose last node is ``output``.
+
+    ``quantize_output`` gives the partition output its own spec (QAT patterns, whose output
+    must be fake-quantized during training); otherwise its consumers decide.
+    """
+    if quantize_output:
+        annotate_output(output, get_output_act_qspec(config))
+    mark_annotated(nodes)
+    output.meta[QUANTIZED_PATTERN_OUTPUT] = True
+    return nodes
+
+
+# ops that keep int8 values int8 (the output shares the input's observer)
+SHARING_OPS = (
+    aten.max_pool2d.default,
+    aten.cat.default,
+    aten.adaptive_avg_pool2d.default,
+    aten.avg_pool2d.default,
+    aten.flatten.using_ints,
+    aten.view.default,
+    aten.reshape.default,
+)
+
+
+def is_int8_capable_output(node: Any, _depth: int = 0) -> bool:
+    """True if ``node``'s output is (or will be) int8-capable: an x86 pattern output, a node
+    whose output another annotator quantized, or an observer-sharing op fed by such a node.
+
+    Looking through sharing ops makes the answer independent of the order in which the
+    sharing annotators run (conv -> max_pool2d -> flatten -> linear works either way).
+    """
+    if not isinstance(node, Node) or _depth > 64:
+        return False
+    if node.meta.get(QUANTIZED_PATTERN_OUTPUT) or has_output_spec(node):
+        return True
+    if is_call(node, SHARING_OPS) and not is_annotated(node):
+        inputs = node.args[0] if node.target is aten.cat.default else [node.args[0]]
+        return bool(inputs) and all(is_int8_capable_output(i, _depth + 1) for i in inputs)
+    return False
+
+
+def weight_is_constant(node: Node) -> bool:
+    """True if the conv/linear weight is a graph constant (a parameter), not an activation."""
+    weight = node.args[1] if len(node.args) > 1 else None
+    return isinstance(weight, Node) and weight.op == "get_attr"
+
+
+__all__ = [
+    "QUANTIZED_PATTERN_OUTPUT",
+    "CONV_OPS",
+    "LINEAR_OPS",
+    "ADD_OPS",
+    "BATCH_NORM_OPS",
+    "RELU_OPS",
+    "CONV_UNARY_OPS",
+    "LINEAR_UNARY_OPS",
+    "is_call",
+    "single_user",
+    "should_skip",
+    "same_shape",
+    "is_float_activation",
+    "annotate_weighted_op",
+    "claim_partition",
+    "is_int8_capable_output",
+    "SHARING_OPS",
+    "weight_is_constant",
+    "get_annotation",
+]

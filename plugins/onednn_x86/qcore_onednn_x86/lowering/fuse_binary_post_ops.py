@@ -1,0 +1,164 @@
+"""Fold an add (optionally followed by relu, optionally by the output quantize) into a
+prepacked oneDNN conv/linear.
+
+Conv, the extra input a uint8 accumulator (the x86 recipe quantizes it)::
+
+    qconv (f32) ──▶ add ◀── dq(accum:u8) ──▶ [relu] ──▶ [q(u8)]
+      ==> qconv2d_pointwise.binary(..., accum, ..., "sum", 1.0, "relu"|"none")
+
+with a trailing quantize the op reads the uint8 accumulator with its scale/zero point and
+writes uint8; without one it accumulates into a float copy of ``dq(accum)``. oneDNN writes
+the sum into the accumulator, so qcore always hands it a private channels-last copy.
+
+Linear, the extra input a float tensor (either operand order)::
+
+    qlinear (f32) ──▶ add(·, other) ──▶ [relu] ──▶ [q(u8)]
+      ==> qlinear_pointwise.binary(..., other, ..., "sum"|"add", 1.0, "relu"|"none")
+
+"sum" (in place into ``other``) only for float output when ``other`` is a fresh tensor used
+by nothing else; otherwise "add". Refused: broadcasting adds, alpha != 1, an op with other
+users, the conv's own input as accumulator, (conv) an extra input that is not a dequantize.
+Counters: ``qconv2d_binary_matcher_count`` / ``qlinear_binary_matcher_count`` (and ``_nodes``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qcore.records import LoweringContext
+
+from qcore_onednn_x86.lowering.graph_utils import (
+    QCONV_OPS,
+    VIEW_LIKE_OPS,
+    act_dequantize,
+    aten,
+    copy_meta,
+    erase_chain,
+    finish,
+    is_call,
+    onednn,
+    onednn_declines,
+    set_uint8_val,
+    single_user,
+    static_shape,
+    tensor_val,
+    uint8_quantize,
+)
+from qcore_onednn_x86.lowering.post_ops import is_unfused
+
+NAME = "fuse_binary_post_ops"
+ADD_OPS = (aten.add.Tensor, aten.add_.Tensor)
+RELU_OPS = (aten.relu.default, aten.relu_.default)
+QCONV_OUTPUTS = (onednn.qconv2d_pointwise.default, onednn.qconv2d_pointwise.binary)
+
+
+def _other_operand(add: Node, qop: Node) -> Optional[Node]:
+    if len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = add.args
+    other = b if a is qop else a if b is qop else None
+    if other is None or other is qop or not isinstance(other, Node):
+        return None
+    shape_other, shape_qop = static_shape(other), static_shape(add)
+    if shape_other is None or shape_other != static_shape(qop) or shape_other != shape_qop:
+        return None
+    return other
+
+
+def _can_sum_in_place(other: Node) -> bool:
+    val = tensor_val(other)
+    return (
+        other.op == "call_function"
+        and len(other.users) == 1
+        and not is_call(other, VIEW_LIKE_OPS)
+        and val is not None
+        and val.dtype == torch.float32
+    )
+
+
+def _fuse_conv(graph: Any, qop: Node, add: Node, other: Node, relu: Optional[Node], quant: Any) -> Optional[Node]:
+    accum = act_dequantize(other)
+    if accum is None or not accum.is_literal or accum.input is qop.args[0]:
+        return None
+    if quant is not None:
+        accum_input, accum_scale, accum_zp = accum.input, float(accum.scale), int(accum.zero_point)
+        out = [float(quant.scale), int(quant.zero_point), torch.uint8]
+    else:
+        accum_input, accum_scale, accum_zp = other, 1.0, 0
+        out = [1.0, 0, torch.float32]
+    a = list(qop.args)
+    if quant is not None and accum_input.target in QCONV_OUTPUTS and list(accum_input.users) == [other]:
+        private = accum_input  # a oneDNN conv output (channels-last) nothing else reads
+    else:
+        with graph.inserting_before(add):
+            private = graph.call_function(aten.clone.default, (accum_input,), {"memory_format": torch.channels_last})
+        copy_meta(private, accum_input)
+    # qconv2d_pointwise.binary(qx, x_scale, x_zp, packed, w_scale, w_zp, accum, bias, stride, padding,
+    #   dilation, groups, o_scale, o_zp, o_dtype, accum_scale, accum_zp, "sum", alpha, unary, scalars, algo)
+    return (
+        onednn.qconv2d_pointwise.binary,
+        (*a[0:6], private, a[6], a[7], a[8], a[9], a[10], *out, accum_scale, accum_zp, "sum", 1.0,
+         "relu" if relu is not None else "none", [], ""),
+    )
+
+
+def _fuse_linear(qop: Node, other: Node, relu: Optional[Node], quant: Any) -> Optional[tuple]:
+    if tensor_val(other) is None or tensor_val(other).dtype != torch.float32:
+        return None
+    if quant is not None:
+        out, binary = [float(quant.scale), int(quant.zero_point), torch.uint8], "add"
+    else:
+        out, binary = [1.0, 0, torch.float32], "sum" if _can_sum_in_place(other) else "add"
+    target = onednn.qlinear_pointwise.binary_tensor if qop.target is onednn.qlinear_pointwise.tensor else onednn.qlinear_pointwise.binary
+    a = list(qop.args)
+    # qlinear_pointwise.binary(qx, x_scale, x_zp, packed, w_scale, w_zp, other, bias, o_scale, o_zp,
+    #   o_dtype, other_scale, other_zp, binary, alpha, unary, unary_args, unary_algorithm)
+    return (
+        target,
+        (*a[0:6], other, a[6], *out, 1.0, 0, binary, 1.0, "relu" if relu is not None else "none", [], ""),
+    )
+
+
+def fuse_binary_post_ops(model: GraphModule, context: LoweringContext) -> bool:
+    """Run the pass in place; returns True if the graph changed."""
+    if onednn_declines(NAME):
+        return False
+    graph = model.graph
+    changed = False
+    for qop in list(graph.nodes):
+        if qop.graph is None or not is_unfused(qop):
+            continue
+        add = single_user(qop)
+        if not is_call(add, ADD_OPS):
+            continue
+        other = _other_operand(add, qop)
+        if other is None:
+            continue
+        relu = single_user(add) if is_call(single_user(add), RELU_OPS) else None
+        last = relu if relu is not None else add
+        quant = uint8_quantize(single_user(last)) if single_user(last) is not None else None
+        is_conv = qop.target in QCONV_OPS
+        if is_conv:
+            fused_call = _fuse_conv(graph, qop, add, other, relu, quant)
+        else:
+            fused_call = _fuse_linear(qop, other, relu, quant)
+        if fused_call is None:
+            continue
+        end = quant.node if quant is not None else last
+        with graph.inserting_before(end):
+            fused = graph.call_function(*fused_call)
+        copy_meta(fused, add)
+        if quant is not None:
+            set_uint8_val(fused, add)
+        end.replace_all_uses_with(fused)
+        erase_chain(end, relu, add, qop)
+        if is_conv:
+            erase_chain(other)
+        family = "qconv2d_binary" if is_conv else "qlinear_binary"
+        context.count(f"{family}_matcher_count")
+        context.count(f"{family}_matcher_nodes", 2 + (relu is not None) + (quant is not None))
+        changed = True
+    return finish(model, changed)

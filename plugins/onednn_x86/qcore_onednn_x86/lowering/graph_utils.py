@@ -1,0 +1,229 @@
+"""Small helpers the oneDNN lowering passes share: op sets, q/dq argument readers, constants,
+node replacement, and the availability guard.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+from torch.fx import GraphModule, Node
+
+aten = torch.ops.aten
+qd = torch.ops.quantized_decomposed
+onednn = torch.ops.onednn
+
+DQ_PER_TENSOR = (qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor)
+Q_PER_TENSOR = (qd.quantize_per_tensor.default, qd.quantize_per_tensor.tensor)
+DQ_PER_CHANNEL = (qd.dequantize_per_channel.default,)
+
+QCONV_OPS = (onednn.qconv2d_pointwise.default,)
+QLINEAR_OPS = (onednn.qlinear_pointwise.default, onednn.qlinear_pointwise.tensor)
+
+VIEW_LIKE_OPS = (
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.flatten.using_ints,
+    aten.permute.default,
+    aten.t.default,
+    aten.transpose.int,
+    aten.expand.default,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.squeeze.dim,
+    aten.unsqueeze.default,
+    aten.alias.default,
+    aten.as_strided.default,
+    aten.detach.default,
+)
+
+
+class OneDNNUnavailableWarning(UserWarning):
+    """oneDNN lowering was skipped: this torch build cannot run oneDNN int8 kernels."""
+
+
+def onednn_declines(pass_name: str) -> bool:
+    """True (with a warning) when oneDNN's int8 kernels are unavailable: the pass does nothing
+    and the q/dq model stays as it is, still runnable."""
+    from qcore_onednn_x86 import availability
+
+    reason = availability.onednn_unavailable_reason()
+    if reason is None:
+        return False
+    warnings.warn(
+        f"qcore onednn lowering pass {pass_name!r} skipped: {reason}; the quantize/dequantize "
+        f"model is left as it is (it still runs, on reference kernels)",
+        OneDNNUnavailableWarning,
+        stacklevel=3,
+    )
+    return True
+
+
+def is_call(node: Any, targets: Iterable[Any]) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in tuple(targets)
+
+
+def single_user(node: Node) -> Optional[Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def tensor_val(node: Any) -> Optional[torch.Tensor]:
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def static_shape(node: Any) -> Optional[list[int]]:
+    """The node's shape as ints, or None when unknown or symbolic."""
+    val = tensor_val(node)
+    if val is None:
+        return None
+    try:
+        return [int(s) for s in val.shape]
+    except (TypeError, ValueError):
+        return None
+    except Exception:  # symbolic sizes
+        return None
+
+
+def get_constant(model: GraphModule, node: Any) -> Optional[torch.Tensor]:
+    """The tensor a get_attr node reads, or None."""
+    if not isinstance(node, Node) or node.op != "get_attr":
+        return None
+    value: Any = model
+    for atom in node.target.split("."):
+        value = getattr(value, atom, None)
+        if value is None:
+            return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def register_constant(model: GraphModule, prefix: str, value: torch.Tensor) -> str:
+    """Store ``value`` as a new buffer of ``model``; returns its attribute name."""
+    index = 0
+    while hasattr(model, f"{prefix}{index}"):
+        index += 1
+    name = f"{prefix}{index}"
+    model.register_buffer(name, value)
+    return name
+
+
+def drop_unused_constants(model: GraphModule) -> None:
+    """Erase get_attr nodes nobody reads and delete the tensors they named."""
+    graph = model.graph
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or node.users:
+            continue
+        target = node.target
+        graph.erase_node(node)
+        if any(n.op == "get_attr" and n.target == target for n in graph.nodes):
+            continue
+        owner_path, _, name = target.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        for table in (owner._parameters, owner._buffers):
+            if name in table:
+                del table[name]
+                break
+        else:
+            if hasattr(owner, name) and isinstance(getattr(owner, name), torch.Tensor):
+                delattr(owner, name)
+
+
+def erase_chain(*nodes: Optional[Node]) -> None:
+    """Erase each node (in the order given) once it has no users left."""
+    for node in nodes:
+        if isinstance(node, Node) and not getattr(node, "_erased", False) and not node.users:
+            node.graph.erase_node(node)
+
+
+class ActivationQParams:
+    """The per-tensor (de)quantize arguments of an activation: input, scale, zero point, range, dtype."""
+
+    def __init__(self, node: Node) -> None:
+        args = list(node.args) + [None] * (6 - len(node.args))
+        self.node = node
+        self.input, self.scale, self.zero_point, self.quant_min, self.quant_max, self.dtype = args[:6]
+        for key in ("scale", "zero_point", "quant_min", "quant_max", "dtype"):
+            if key in node.kwargs:
+                setattr(self, key, node.kwargs[key])
+        self.is_tensor_overload = node.target in (qd.dequantize_per_tensor.tensor, qd.quantize_per_tensor.tensor)
+
+    @property
+    def is_literal(self) -> bool:
+        return isinstance(self.scale, (float, int)) and isinstance(self.zero_point, int)
+
+    def same_qparams(self, other: "ActivationQParams", rel_tol: float = 1e-5) -> bool:
+        if not (self.is_literal and other.is_literal):
+            return False
+        import math
+
+        return (
+            self.zero_point == other.zero_point
+            and self.dtype == other.dtype
+            and math.isclose(float(self.scale), float(other.scale), rel_tol=rel_tol)
+        )
+
+
+def act_dequantize(node: Any, dtypes: tuple = (torch.uint8,)) -> Optional[ActivationQParams]:
+    """Read a per-tensor activation dequantize of one of ``dtypes``; None if ``node`` is not one."""
+    if not is_call(node, DQ_PER_TENSOR):
+        return None
+    params = ActivationQParams(node)
+    if params.dtype not in dtypes or not isinstance(params.input, Node):
+        return None
+    if node.kwargs.get("out_dtype") not in (None, torch.float32):
+        return None
+    return params
+
+
+def uint8_quantize(node: Any) -> Optional[ActivationQParams]:
+    """Read a static per-tensor uint8 quantize over [0, 255]; None otherwise."""
+    if not is_call(node, (qd.quantize_per_tensor.default,)):
+        return None
+    params = ActivationQParams(node)
+    if params.dtype != torch.uint8 or not params.is_literal:
+        return None
+    if (params.quant_min, params.quant_max) != (0, 255):
+        return None
+    return params
+
+
+def copy_meta(new: Node, old: Node) -> None:
+    for key in ("val", "nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+
+
+def set_uint8_val(new: Node, like: Node) -> None:
+    """Give ``new`` a meta value shaped like ``like`` with dtype uint8 (static shapes only)."""
+    shape = static_shape(like)
+    if shape is not None:
+        new.meta["val"] = torch.empty(shape, dtype=torch.uint8, device="meta")
+
+
+def pair(value: Any, default: int) -> list[int]:
+    """An int or 1-/2-list as a 2-list."""
+    if value is None:
+        return [default, default]
+    if isinstance(value, int):
+        return [value, value]
+    value = list(value)
+    if len(value) == 1:
+        return [value[0], value[0]]
+    return value
+
+
+def is_getitem(node: Any, index: int) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target is operator.getitem and node.args[1] == index
+
+
+def finish(model: GraphModule, changed: bool) -> bool:
+    """End a pass: lint and recompile when something changed; return the honest result."""
+    if changed:
+        model.graph.lint()
+        model.recompile()
+    return changed
