@@ -1,0 +1,105 @@
+"""gru_io_only and propagate_annotation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qcore
+from qcore.spec import SharedQuantizationSpec
+from _xnnpack_helpers import annotate, annotation, config, export, input_map, observer_nodes, qdq_counts, quantize, quantizer
+
+
+class GRUModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = torch.nn.GRU(4, 8)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x, h):
+        y, h_n = self.gru(x, h)
+        return self.fc(y), h_n
+
+
+GRU_INPUTS = (torch.randn(5, 2, 4), torch.randn(1, 2, 8))
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.gru")
+def test_gru_input_hidden_state_and_both_results_are_annotated():
+    cfg = config()
+    gm = annotate(GRUModel(), GRU_INPUTS, quantizer())
+    assert input_map(gm, "gru") == {"x": cfg.input_activation, "h": cfg.input_activation}
+    assert annotation(gm, "getitem").output_qspec is cfg.output_activation
+    assert annotation(gm, "getitem_1").output_qspec is cfg.output_activation
+    assert not any(annotation(gm, n.name) and annotation(gm, n.name).input_qspec_map for n in gm.graph.nodes if n.op == "get_attr")
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.gru")
+def test_gru_qdq_counts():
+    converted = quantize(GRUModel(), GRU_INPUTS, quantizer())
+    # x, h, y (also the linear's input), h_n, linear weight (dq only), linear output
+    assert qdq_counts(converted) == {"q": 5, "dq": 6}
+    y, h_n = converted(*GRU_INPUTS)
+    assert y.shape == (5, 2, 3) and h_n.shape == (1, 2, 8)
+
+
+class ConvChain(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.view(1, 4, -1).permute(0, 2, 1).flatten(1)
+
+
+X = (torch.randn(1, 3, 4, 4),)
+
+
+def test_propagation_along_view_permute_flatten():
+    gm = annotate(ConvChain(), X, quantizer())
+    previous = "conv2d"
+    for name in ("view", "permute", "flatten"):
+        prev = next(n for n in gm.graph.nodes if n.name == previous)
+        assert input_map(gm, name) == {previous: SharedQuantizationSpec(prev)}
+        assert annotation(gm, name).output_qspec == SharedQuantizationSpec(prev)
+        previous = name
+    prepared = qcore.prepare_pt2e(export(ConvChain(), *X), quantizer())
+    outputs = [n for n in observer_nodes(prepared) if n.args[0].op == "call_function"]
+    assert len({id(prepared.get_submodule(n.target)) for n in outputs}) == 1
+
+
+def test_slice_and_transpose_are_not_propagated():
+    class SliceTranspose(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y[:, :4], y.transpose(1, 2)
+
+    gm = annotate(SliceTranspose(), X, quantizer())
+    assert annotation(gm, "slice_1") is None
+    assert annotation(gm, "transpose") is None
+
+
+def test_propagation_never_overwrites_a_claimed_node():
+    class AvgAfterConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(self.conv(x), 1)
+
+    gm = annotate(AvgAfterConv(), X, quantizer())
+    conv = next(n for n in gm.graph.nodes if n.name == "conv2d")
+    pool = next(n for n in gm.graph.nodes if n.name == "adaptive_avg_pool2d")
+    # adaptive_avg_pool2d is in the propagation list, but its own annotator claimed it first
+    assert annotation(gm, "adaptive_avg_pool2d").output_qspec == SharedQuantizationSpec((conv, pool))
+
+
+def test_propagated_chain_counts():
+    # x, weight (dq only), conv output, then one q/dq pair per propagated op
+    assert qdq_counts(quantize(ConvChain(), X, quantizer())) == {"q": 5, "dq": 6}
