@@ -1,0 +1,252 @@
+"""Third-party plugins: the sigmoid example extends backends it does not own, the broken example fails safely.
+
+Two ways to run:
+
+* where the examples are installed (``tox -e example``), the tests run in this process against
+  the real installed distributions;
+* elsewhere (the default test run, which must not install the broken example), one test installs
+  both examples into a throwaway venv and checks the same behaviour in subprocesses.
+
+No test here changes qcore's or a backend's code: the example reaches the pipeline only through
+its entry point.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import qcore
+from qcore.errors import PluginError
+from qcore.plugin_manager import PluginLoadWarning
+
+REPO = Path(__file__).resolve().parents[1]
+SIGMOID_EXAMPLE = REPO / "examples" / "thirdparty_plugin"
+BROKEN_EXAMPLE = REPO / "examples" / "broken_plugin"
+BROKEN_MESSAGE = "qcore-example-broken fails to import on purpose"
+
+
+def entry_point_installed(name: str) -> bool:
+    return any(ep.name == name for ep in importlib.metadata.entry_points(group="qcore"))
+
+
+def module_available(name: str) -> bool:
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
+needs_sigmoid_example = pytest.mark.skipif(
+    not entry_point_installed("example_sigmoid"),
+    reason="the example plugin is not installed here (pip install -e examples/thirdparty_plugin, or tox -e example)",
+)
+needs_broken_example = pytest.mark.skipif(
+    not entry_point_installed("example_broken"),
+    reason="the broken example is not installed here (tox -e example installs it)",
+)
+
+
+class LinearSigmoid(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc(x))
+
+
+def make_quantizer(backend: str):
+    if backend == "xnnpack":
+        from qcore_xnnpack import XNNPACKQuantizer, get_symmetric_quantization_config
+
+        return XNNPACKQuantizer().set_global(get_symmetric_quantization_config())
+    from qcore_onednn_x86 import X86InductorQuantizer, get_default_x86_inductor_quantization_config
+
+    return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+
+
+BACKEND_MODULES = {"xnnpack": "qcore_xnnpack", "onednn": "qcore_onednn_x86"}
+
+
+def sigmoid_qdq(converted: torch.fx.GraphModule) -> tuple[str, str, tuple]:
+    """(target of the sigmoid's input, target of its only user, that user's scale/zp/qmin/qmax)."""
+    sigmoid = next(n for n in converted.graph.nodes if n.target is torch.ops.aten.sigmoid.default)
+    (user,) = sigmoid.users
+    return str(sigmoid.args[0].target), str(user.target), tuple(user.args[1:5])
+
+
+def quantize_linear_sigmoid(backend: str) -> torch.fx.GraphModule:
+    torch.manual_seed(0)
+    example = (torch.randn(4, 8),)
+    prepared = qcore.prepare_pt2e(torch.export.export(LinearSigmoid(), example).module(), make_quantizer(backend))
+    for _ in range(3):
+        prepared(torch.randn(4, 8))
+    return qcore.convert_pt2e(prepared)
+
+
+# --------------------------------------------------------------------------- installed here
+@pytest.fixture
+def broken_blocked(monkeypatch):
+    """Load plugins strictly, with the broken example (if installed) blocked."""
+    monkeypatch.setenv("QCORE_STRICT_PLUGINS", "1")
+    monkeypatch.setenv("QCORE_BLOCK_PLUGINS", "example_broken")
+
+
+@needs_sigmoid_example
+def test_sigmoid_plugin_is_discovered_through_its_entry_point(broken_blocked):
+    infos = {info.name: info for info in qcore.get_plugin_manager().plugin_infos()}
+    info = infos["example_sigmoid"]
+    assert info.status == "loaded"
+    assert info.distribution == "qcore-example-sigmoid"
+    assert info.version == importlib.metadata.version("qcore-example-sigmoid")
+    assert info.hooks == ("annotate_op",)
+    for backend in ("xnnpack", "onednn"):
+        names = [(a.plugin, a.name) for a in qcore.get_plugin_manager().annotators(backend)]
+        assert ("example_sigmoid", "example_sigmoid") in names
+
+
+@needs_sigmoid_example
+@pytest.mark.parametrize("backend", ["xnnpack", "onednn"])
+def test_sigmoid_gets_fixed_qparams_qdq_after_convert(broken_blocked, backend):
+    if not module_available(BACKEND_MODULES[backend]):
+        pytest.skip(f"the {backend} plugin is not installed")
+    source, user, qparams = sigmoid_qdq(quantize_linear_sigmoid(backend))
+    assert "dequantize_per_tensor" in source
+    assert "quantize_per_tensor" in user
+    assert qparams == (1.0 / 256.0, -128, -128, 127)
+
+
+@needs_broken_example
+def test_broken_plugin_warns_naming_plugin_distribution_and_error(monkeypatch):
+    monkeypatch.delenv("QCORE_STRICT_PLUGINS", raising=False)
+    monkeypatch.delenv("QCORE_BLOCK_PLUGINS", raising=False)
+    manager = qcore.get_plugin_manager()
+    with pytest.warns(PluginLoadWarning) as caught:
+        infos = {info.name: info for info in manager.plugin_infos()}
+    message = next(str(w.message) for w in caught if "example_broken" in str(w.message))
+    assert "'example_broken' from distribution 'qcore-example-broken'" in message
+    assert f"RuntimeError: {BROKEN_MESSAGE}" in message
+    assert infos["example_broken"].status == "failed"
+    assert BROKEN_MESSAGE in infos["example_broken"].error
+    others = [info for name, info in infos.items() if name != "example_broken"]
+    assert others and all(info.status == "loaded" for info in others)
+
+
+@needs_broken_example
+def test_broken_plugin_is_failed_in_qcore_plugins_json_and_others_still_work(monkeypatch, capsys):
+    from qcore.cli import main
+
+    monkeypatch.delenv("QCORE_STRICT_PLUGINS", raising=False)
+    monkeypatch.delenv("QCORE_BLOCK_PLUGINS", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginLoadWarning)
+        assert main(["plugins", "--json"]) == 0
+        rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+        assert rows["example_broken"]["status"] == "failed"
+        assert rows["example_broken"]["distribution"] == "qcore-example-broken"
+        assert BROKEN_MESSAGE in rows["example_broken"]["error"]
+        if module_available("qcore_xnnpack"):
+            assert rows["xnnpack"]["backends"] == ["xnnpack"]
+            if entry_point_installed("example_sigmoid"):
+                _, user, qparams = sigmoid_qdq(quantize_linear_sigmoid("xnnpack"))
+                assert qparams == (1.0 / 256.0, -128, -128, 127)
+
+
+@needs_broken_example
+def test_strict_mode_makes_the_broken_plugin_a_plugin_error(monkeypatch):
+    monkeypatch.setenv("QCORE_STRICT_PLUGINS", "1")
+    monkeypatch.delenv("QCORE_BLOCK_PLUGINS", raising=False)
+    with pytest.raises(PluginError, match=r"'example_broken' from distribution 'qcore-example-broken'.*QCORE_STRICT_PLUGINS"):
+        qcore.get_plugin_manager().plugin_infos()
+
+
+# --------------------------------------------------------------------------- throwaway venv
+PIPELINE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import torch, qcore
+
+    class LinearSigmoid(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+        def forward(self, x):
+            return torch.sigmoid(self.fc(x))
+
+    from qcore_xnnpack import XNNPACKQuantizer, get_symmetric_quantization_config
+    import qcore_example_sigmoid
+    assert "site-packages" in qcore_example_sigmoid.__file__, qcore_example_sigmoid.__file__
+    torch.manual_seed(0)
+    example = (torch.randn(4, 8),)
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config())
+    prepared = qcore.prepare_pt2e(torch.export.export(LinearSigmoid(), example).module(), quantizer)
+    prepared(*example)
+    converted = qcore.convert_pt2e(prepared)
+    sigmoid = next(n for n in converted.graph.nodes if n.target is torch.ops.aten.sigmoid.default)
+    (user,) = sigmoid.users
+    print(json.dumps([str(sigmoid.args[0].target), str(user.target), list(user.args[1:5])]))
+    """
+)
+
+
+@pytest.mark.skipif(
+    entry_point_installed("example_sigmoid") or entry_point_installed("example_broken"),
+    reason="the examples are installed here: the in-process tests above cover them",
+)
+def test_examples_installed_in_a_throwaway_venv(child_venv, tmp_path):
+    python = child_venv("examples")
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+         str(SIGMOID_EXAMPLE), str(BROKEN_EXAMPLE)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    lenient = {k: v for k, v in os.environ.items() if k not in ("QCORE_STRICT_PLUGINS", "QCORE_BLOCK_PLUGINS")}
+
+    def run(*args: str, env: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([str(python), *args], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+
+    # lenient: the broken plugin is skipped with a warning and listed as failed; the others load
+    listing = run("-m", "qcore.cli", "plugins", "--json", env=lenient)
+    assert listing.returncode == 0, listing.stderr
+    rows = {row["name"]: row for row in json.loads(listing.stdout)}
+    assert rows["example_sigmoid"]["status"] == "loaded"
+    assert rows["example_sigmoid"]["distribution"] == "qcore-example-sigmoid"
+    assert rows["example_sigmoid"]["hooks"] == ["annotate_op"]
+    assert rows["example_broken"]["status"] == "failed"
+    assert rows["example_broken"]["distribution"] == "qcore-example-broken"
+    assert rows["example_broken"]["error"] == f"RuntimeError: {BROKEN_MESSAGE} (it shows how qcore handles a broken plugin)"
+    assert all(row["status"] == "loaded" for name, row in rows.items() if name != "example_broken")
+
+    warned = run("-W", "always", "-c", "import qcore; qcore.get_plugin_manager().plugin_infos()", env=lenient)
+    assert warned.returncode == 0, warned.stderr
+    assert "qcore plugin 'example_broken' from distribution 'qcore-example-broken' failed to load" in warned.stderr
+    assert f"RuntimeError: {BROKEN_MESSAGE}" in warned.stderr
+
+    # strict: the same broken plugin is a PluginError
+    strict = dict(lenient, QCORE_STRICT_PLUGINS="1")
+    raised = run("-c", "import qcore; qcore.get_plugin_manager().plugin_infos()", env=strict)
+    assert raised.returncode != 0
+    assert "qcore.errors.PluginError: qcore plugin 'example_broken' from distribution 'qcore-example-broken'" in raised.stderr
+    cli = run("-m", "qcore.cli", "plugins", env=strict)
+    assert cli.returncode == 1 and cli.stderr.startswith("qcore: error: qcore plugin 'example_broken'")
+
+    # the sigmoid example is used by the pipeline (strict, with the broken one blocked)
+    if not module_available("qcore_xnnpack"):
+        return
+    pipeline = run("-c", PIPELINE_SCRIPT, env=dict(strict, QCORE_BLOCK_PLUGINS="example_broken"))
+    assert pipeline.returncode == 0, pipeline.stderr
+    source, user, qparams = json.loads(pipeline.stdout.strip().splitlines()[-1])
+    assert "dequantize_per_tensor" in source and "quantize_per_tensor" in user
+    assert qparams == [1.0 / 256.0, -128, -128, 127]
