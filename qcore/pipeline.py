@@ -18,6 +18,7 @@ from qcore.errors import ConvertError, NotExportedError
 from qcore.graph_copy import copy_graph_module, remap_annotations
 from qcore.passes.convert_observers import convert_observers, is_obs_or_fq_node
 from qcore.passes.duplicate_dequantize import duplicate_dequantize
+from qcore.passes.fold_conv_bn_qat import fold_conv_bn_qat
 from qcore.passes.fold_weight_quantize import fold_weight_quantize
 from qcore.passes.insert_observers import OBS_OR_FQ_CALLBACK_META, PREPARED_META
 from qcore.passes.train_eval import set_training_mode
@@ -140,6 +141,7 @@ def convert_pt2e(
         )
     model, _ = copy_graph_module(model, copy_tensors=False)
     convert_observers(model)
+    fold_conv_bn_qat(model)
     duplicate_dequantize(model)
     if fold_quantize:
         fold_weight_quantize(model)

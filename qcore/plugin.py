@@ -12,3 +12,10 @@ def insert_observers(model: Any, is_qat: bool) -> Any:
     from qcore.passes.insert_observers import insert_observers as insert
 
     return insert(model, is_qat=is_qat)
+
+
+@hookimpl
+def fuse_qat(model: Any, is_qat: bool) -> bool:
+    from qcore.passes.fuse_conv_bn_qat import fuse_conv_bn_qat
+
+    return fuse_conv_bn_qat(model) if is_qat else False
