@@ -1,0 +1,142 @@
+"""Binary (add / add + relu) post-op fusion into oneDNN conv / linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _onednn_helpers import aten, assert_close_to_reference, calls, count, counters, lower, onednn, qd, quantize
+
+
+class ResidualBlock(torch.nn.Module):
+    """conv-relu, conv, + identity, relu; then a conv reads the block output (quantize)."""
+
+    def __init__(self, relu=True, tail=True):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.tail = torch.nn.Conv2d(8, 4, 1) if tail else None
+        self.relu = relu
+
+    def forward(self, x):
+        identity = torch.relu(self.stem(x))
+        y = self.conv2(torch.relu(self.conv1(identity))) + identity
+        if self.relu:
+            y = torch.relu(y)
+        return self.tail(y) if self.tail is not None else y
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_conv_add_relu_quantize_becomes_one_binary_conv(relu):
+    example = (torch.randn(2, 3, 10, 10),)
+    converted = quantize(ResidualBlock(relu=relu), example)
+    lowered = lower(converted, example)
+    (binary,) = calls(lowered, onednn.qconv2d_pointwise.binary)
+    assert binary.args[14] == torch.uint8
+    assert binary.args[17:20] == ("sum", 1.0, "relu" if relu else "none")
+    accum_dq = calls(converted, aten.add.Tensor)[0].args[1]
+    assert binary.args[15:17] == (accum_dq.args[1], accum_dq.args[2])
+    assert count(lowered, aten.add.Tensor, aten.relu.default) == 0
+    assert counters(lowered)["qconv2d_binary_matcher_count"] == 1
+    assert count(lowered, qd.quantize_per_tensor.default) == 1
+    assert_close_to_reference(converted, lowered, example)
+
+
+def test_conv_add_relu_with_float_output():
+    example = (torch.randn(2, 3, 10, 10),)
+    converted = quantize(ResidualBlock(relu=True, tail=False), example)
+    lowered = lower(converted, example)
+    (binary,) = calls(lowered, onednn.qconv2d_pointwise.binary)
+    assert binary.args[12:20] == (1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "relu")
+    assert_close_to_reference(converted, lowered, example, atol=1e-4)
+
+
+def test_conv_add_with_its_own_input_is_not_fused():
+    class SelfAdd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            y = torch.relu(self.stem(x))
+            return self.conv(y) + y
+
+    example = (torch.randn(1, 3, 8, 8),)
+    converted = quantize(SelfAdd(), example)
+    lowered = lower(converted, example)
+    assert count(lowered, onednn.qconv2d_pointwise.binary) == 0
+    assert_close_to_reference(converted, lowered, example, atol=1e-4)
+
+
+def test_broadcasting_add_is_not_fused():
+    class BiasAdd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+            self.register_buffer("row", torch.randn(8))
+
+        def forward(self, x):
+            return self.fc(x) + self.row
+
+    example = (torch.randn(4, 8),)
+    converted = quantize(BiasAdd(), example)
+    lowered = lower(converted, example)
+    assert count(lowered, onednn.qlinear_pointwise.binary) == 0
+    assert count(lowered, onednn.qlinear_pointwise.default) == 1
+
+
+class LinearResidual(torch.nn.Module):
+    def __init__(self, swap=False, relu=False, tail=False):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+        self.fc_tail = torch.nn.Linear(16, 4) if tail else None
+        self.swap, self.relu = swap, relu
+
+    def forward(self, x, other):
+        y = other * 1.0
+        y = y + self.fc(x) if self.swap else self.fc(x) + y
+        if self.relu:
+            y = torch.relu(y)
+        return self.fc_tail(y) if self.fc_tail is not None else y
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_linear_add_float_output_sums_in_place(swap, relu):
+    example = (torch.randn(4, 16), torch.randn(4, 16))
+    converted = quantize(LinearResidual(swap=swap, relu=relu), example)
+    lowered = lower(converted, example)
+    (binary,) = calls(lowered, onednn.qlinear_pointwise.binary)
+    assert binary.args[10:16] == (torch.float32, 1.0, 0, "sum", 1.0, "relu" if relu else "none")
+    assert counters(lowered)["qlinear_binary_matcher_count"] == 1
+    assert_close_to_reference(converted, lowered, example, atol=1e-4)
+
+
+def test_linear_add_with_a_shared_extra_input_adds_out_of_place():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, x, other):
+            y = other * 1.0
+            return self.fc(x) + y, y
+
+    example = (torch.randn(4, 16), torch.randn(4, 16))
+    converted = quantize(Shared(), example)
+    lowered = lower(converted, example)
+    (binary,) = calls(lowered, onednn.qlinear_pointwise.binary)
+    assert binary.args[13] == "add"
+    for r, a in zip(converted(*example), lowered(*example)):
+        assert (r - a).abs().max() < 1e-4
+
+
+def test_linear_add_quantize_uses_add_with_uint8_output():
+    example = (torch.randn(4, 16), torch.randn(4, 16))
+    converted = quantize(LinearResidual(relu=True, tail=True), example)
+    lowered = lower(converted, example)
+    (binary,) = calls(lowered, onednn.qlinear_pointwise.binary)
+    assert binary.args[10] == torch.uint8 and binary.args[13] == "add" and binary.args[15] == "relu"
+    assert_close_to_reference(converted, lowered, example)
