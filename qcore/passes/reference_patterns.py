@@ -169,11 +169,13 @@ class MaxPoolMatch:
     pool_args: tuple
     getitem: Optional[Node]
     out: QParams
+    unused_getitems: tuple = ()  # a dead ``getitem(·, 1)`` (the indices) left by export
     name: str = "max_pool2d"
 
     @property
     def island(self) -> list[Node]:
-        return [n for n in (self.out.node, self.getitem, self.anchor, self.x.node) if n is not None]
+        nodes = [self.out.node, self.getitem, *self.unused_getitems, self.anchor, self.x.node]
+        return [n for n in nodes if n is not None]
 
 
 @dataclass
@@ -247,11 +249,13 @@ def match_max_pool2d(anchor: Node) -> Optional[MaxPoolMatch]:
     if anchor.op != "call_function" or anchor.kwargs:
         return None
     getitem = None
+    unused: tuple = ()
     if anchor.target is aten.max_pool2d_with_indices.default:
-        getitem = _only_user(anchor)
-        if getitem is None or getitem.target is not operator.getitem or getitem.args[1] != 0:
-            return None
-        after = getitem
+        values = [u for u in anchor.users if u.target is operator.getitem and u.args[1] == 0]
+        unused = tuple(u for u in anchor.users if u not in values)
+        if len(values) != 1 or any(u.target is not operator.getitem or u.users for u in unused):
+            return None  # the indices are used
+        getitem = after = values[0]
     elif anchor.target is aten.max_pool2d.default:
         after = anchor
     else:
@@ -260,7 +264,7 @@ def match_max_pool2d(anchor: Node) -> Optional[MaxPoolMatch]:
     out = read_output_quantize(_only_user(after))
     if x is None or out is None:
         return None
-    return MaxPoolMatch(anchor, x, tuple(anchor.args[1:]), getitem, out)
+    return MaxPoolMatch(anchor, x, tuple(anchor.args[1:]), getitem, out, unused)
 
 
 def match_dynamic_linear(anchor: Node) -> Optional[DynamicLinearMatch]:
@@ -415,6 +419,19 @@ def _same_scale(emit: Emitter, bias: QParams, acc_scale: Any) -> bool:
         return False
 
 
+def _accumulate(emit: Emitter, op: Any, x: Node, weight: Node, conv_args: tuple) -> Node:
+    """``out_dtype(op, int32, x, weight, None, ...)``: int16 operands, int32 accumulator.
+
+    CPU has no integer kernel for dilated convolution; there the products are summed in
+    float64 (exact for any int32 result) and cast to int32.
+    """
+    dilation = conv_args[2] if conv_args else 1
+    if any(d != 1 for d in (dilation if isinstance(dilation, (list, tuple)) else [dilation])):
+        wide = emit.call(op, emit.cast(x, torch.float64), emit.cast(weight, torch.float64), None, *conv_args)
+        return emit.cast(wide, torch.int32)
+    return emit.call(out_dtype, op, torch.int32, x, weight, None, *conv_args)
+
+
 def emit_static_weighted(emit: Emitter, match: WeightedMatch) -> Node:
     """Integer linear/conv2d: int16 operands, int32 accumulator, int32 bias, requantize, clamp."""
     is_conv = match.anchor.target is aten.conv2d.default
@@ -422,7 +439,7 @@ def emit_static_weighted(emit: Emitter, match: WeightedMatch) -> Node:
     out_ndim = 4 if is_conv else 1  # per-channel vectors broadcast on dim 1 of NCHW, last dim of linear
     x = _centered(emit, match.x, 0)
     weight = _centered(emit, match.weight, weight_ndim)
-    acc = emit.call(out_dtype, match.anchor.target, torch.int32, x, weight, None, *match.conv_args)
+    acc = _accumulate(emit, match.anchor.target, x, weight, match.conv_args)
     acc_scale = _accumulator_scale(emit, match.x.scale, match.weight)
     if match.bias is not None:
         bias = _int32_bias(emit, match.bias, acc_scale)
