@@ -25,7 +25,6 @@ aten = torch.ops.aten
 
 EIGHT_BIT = (torch.int8, torch.uint8)
 
-Scalar = Union[int, float]
 
 
 # ----------------------------------------------------------------------------- reading q/dq
@@ -137,7 +136,8 @@ class WeightedMatch:
 
     @property
     def island(self) -> list[Node]:
-        nodes = [self.out.node, self.relu, self.anchor, self.x.node, self.weight.node]
+        bias_dq = self.bias if read_dequantize(self.bias) is not None else None  # an int32 bias
+        nodes = [self.out.node, self.relu, self.anchor, self.x.node, self.weight.node, bias_dq]
         return [n for n in nodes if n is not None]
 
 
