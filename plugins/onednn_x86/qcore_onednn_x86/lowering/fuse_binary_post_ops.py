@@ -4,11 +4,11 @@ prepacked oneDNN conv/linear.
 Conv, the extra input a uint8 accumulator (the x86 recipe quantizes it)::
 
     qconv (f32) ──▶ add ◀── dq(accum:u8) ──▶ [relu] ──▶ [q(u8)]
-      ==> qconv2d_pointwise.binary(..., accum, ..., "sum", 1.0, "relu"|"none")
+      ==> qcore_onednn.qconv2d_add(..., accum, ..., "relu"|"none")
+          (oneDNN's qconv2d_pointwise.binary "sum" on a private channels-last copy of accum)
 
 with a trailing quantize the op reads the uint8 accumulator with its scale/zero point and
-writes uint8; without one it accumulates into a float copy of ``dq(accum)``. oneDNN writes
-the sum into the accumulator, so qcore always hands it a private channels-last copy.
+writes uint8; without one it accumulates into a copy of the float ``dq(accum)``.
 
 Linear, the extra input a float tensor (either operand order)::
 
@@ -47,12 +47,14 @@ from qcore_onednn_x86.lowering.graph_utils import (
     tensor_val,
     uint8_quantize,
 )
+from qcore_onednn_x86.lowering.custom_ops import qconv2d_add  # noqa: F401  (registers the op)
 from qcore_onednn_x86.lowering.post_ops import is_unfused
+
+qcore_onednn = torch.ops.qcore_onednn
 
 NAME = "fuse_binary_post_ops"
 ADD_OPS = (aten.add.Tensor, aten.add_.Tensor)
 RELU_OPS = (aten.relu.default, aten.relu_.default)
-QCONV_OUTPUTS = (onednn.qconv2d_pointwise.default, onednn.qconv2d_pointwise.binary)
 
 
 def _other_operand(add: Node, qop: Node) -> Optional[Node]:
@@ -79,7 +81,7 @@ def _can_sum_in_place(other: Node) -> bool:
     )
 
 
-def _fuse_conv(graph: Any, qop: Node, add: Node, other: Node, relu: Optional[Node], quant: Any) -> Optional[Node]:
+def _fuse_conv(qop: Node, other: Node, relu: Optional[Node], quant: Any) -> Optional[Node]:
     accum = act_dequantize(other)
     if accum is None or not accum.is_literal or accum.input is qop.args[0]:
         return None
@@ -90,18 +92,12 @@ def _fuse_conv(graph: Any, qop: Node, add: Node, other: Node, relu: Optional[Nod
         accum_input, accum_scale, accum_zp = other, 1.0, 0
         out = [1.0, 0, torch.float32]
     a = list(qop.args)
-    if quant is not None and accum_input.target in QCONV_OUTPUTS and list(accum_input.users) == [other]:
-        private = accum_input  # a oneDNN conv output (channels-last) nothing else reads
-    else:
-        with graph.inserting_before(add):
-            private = graph.call_function(aten.clone.default, (accum_input,), {"memory_format": torch.channels_last})
-        copy_meta(private, accum_input)
-    # qconv2d_pointwise.binary(qx, x_scale, x_zp, packed, w_scale, w_zp, accum, bias, stride, padding,
-    #   dilation, groups, o_scale, o_zp, o_dtype, accum_scale, accum_zp, "sum", alpha, unary, scalars, algo)
+    # qcore_onednn.qconv2d_add(qx, x_scale, x_zp, packed, w_scale, w_zp, accum, bias, stride, padding,
+    #   dilation, groups, o_scale, o_zp, o_dtype, accum_scale, accum_zp, unary)
     return (
-        onednn.qconv2d_pointwise.binary,
-        (*a[0:6], private, a[6], a[7], a[8], a[9], a[10], *out, accum_scale, accum_zp, "sum", 1.0,
-         "relu" if relu is not None else "none", [], ""),
+        qcore_onednn.qconv2d_add.default,
+        (*a[0:6], accum_input, a[6], a[7], a[8], a[9], a[10], *out, accum_scale, accum_zp,
+         "relu" if relu is not None else "none"),
     )
 
 
@@ -142,7 +138,7 @@ def fuse_binary_post_ops(model: GraphModule, context: LoweringContext) -> bool:
         quant = uint8_quantize(single_user(last)) if single_user(last) is not None else None
         is_conv = qop.target in QCONV_OPS
         if is_conv:
-            fused_call = _fuse_conv(graph, qop, add, other, relu, quant)
+            fused_call = _fuse_conv(qop, other, relu, quant)
         else:
             fused_call = _fuse_linear(qop, other, relu, quant)
         if fused_call is None:

@@ -11,6 +11,7 @@ After::    qconv2d_pointwise ──▶ relu ──▶ reshape(·, [n, -1])
 
 from __future__ import annotations
 
+import torch
 from torch.fx import GraphModule
 
 from qcore.records import LoweringContext
@@ -18,7 +19,9 @@ from qcore.records import LoweringContext
 from qcore_onednn_x86.lowering.graph_utils import aten, finish, onednn, onednn_declines
 
 NAME = "reshape_channels_last_views"
-CONV_OUTPUTS = (onednn.qconv2d_pointwise.default, onednn.qconv2d_pointwise.binary)
+from qcore_onednn_x86.lowering.custom_ops import qconv2d_add  # noqa: E402,F401  (registers the op)
+
+CONV_OUTPUTS = (onednn.qconv2d_pointwise.default, onednn.qconv2d_pointwise.binary, torch.ops.qcore_onednn.qconv2d_add.default)
 
 
 def reshape_channels_last_views(model: GraphModule, context: LoweringContext) -> bool:
