@@ -115,3 +115,18 @@ def test_graph_without_mode_ops_is_unchanged_but_module_flag_follows():
     assert set_training_mode(gm, False) is False
     assert gm.code == code
     assert not gm.training
+
+
+def test_batch_counter_counts_only_in_training_like_eager():
+    x = torch.randn(8, 4, 5)
+    gm = _export(BnDropout().train(), x)
+    counter = gm.bn.num_batches_tracked
+    gm(x)
+    assert int(counter) == 1
+    qcore.move_exported_model_to_eval(gm)
+    gm(x)
+    gm(x)
+    assert int(counter) == 1  # eager batch norm does not count in eval
+    qcore.move_exported_model_to_train(gm)
+    gm(x)
+    assert int(counter) == 2
