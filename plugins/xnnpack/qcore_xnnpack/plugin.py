@@ -26,3 +26,14 @@ def annotate_op(backend: str) -> list:
     from qcore_xnnpack.annotators import xnnpack_annotators
 
     return xnnpack_annotators()
+
+
+@qcore.hookimpl
+def lower_pattern(backend: str) -> list:
+    if backend != "xnnpack":
+        return []
+    from qcore_xnnpack.lower_to_executorch import executorch_unavailable_reason, lower_to_executorch_pass
+
+    if executorch_unavailable_reason() is not None:
+        return []
+    return [qcore.LoweringPass(name="lower_to_executorch", backend="xnnpack", fn=lower_to_executorch_pass)]

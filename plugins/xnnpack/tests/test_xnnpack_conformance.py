@@ -12,9 +12,3 @@ class TestXNNPACKConformance(BackendConformance):
     def make_quantizer(self) -> XNNPACKQuantizer:
         return XNNPACKQuantizer().set_global(get_symmetric_quantization_config())
 
-
-class TestXNNPACKPerChannelConformance(BackendConformance):
-    backend = "xnnpack"
-
-    def make_quantizer(self) -> XNNPACKQuantizer:
-        return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
