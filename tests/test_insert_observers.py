@@ -161,9 +161,10 @@ def test_derived_spec_uses_the_source_observers():
     linear.meta["quantization_annotation"] = QuantizationAnnotation({x: INT8, weight: weight_spec, bias: bias_spec})
     prepared = insert_observers(gm)
     prepared(torch.randn(4, 3))
-    obs = {o.args[0].name: prepared.get_submodule(o.target) for o in observers(prepared)}
-    scale, zero_point = obs["l__self___bias" if "l__self___bias" in obs else "bias"].calculate_qparams()
-    expected = obs["x"].calculate_qparams()[0] * obs["weight"].calculate_qparams()[0]
+    x_obs, w_obs, b_obs = (prepared.get_submodule(arg.target) for arg in calls(prepared)[0].args)
+    assert b_obs.obs_or_fqs[0] is x_obs and b_obs.obs_or_fqs[1] is w_obs
+    scale, zero_point = b_obs.calculate_qparams()
+    expected = x_obs.calculate_qparams()[0] * w_obs.calculate_qparams()[0]
     assert torch.equal(scale, expected) and int(zero_point) == 0
 
 
