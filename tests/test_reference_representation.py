@@ -85,6 +85,7 @@ class ReferenceTestQuantizer(Quantizer):
     ``dynamic``: linear inputs get a run-time (dynamic) spec and no output spec.
     ``pool_output``: "shared" reuses the pool input's observer; "own" gives it its own.
     ``int32_bias``: linear/conv bias gets a derived int32 spec (scale = act x weight scale).
+    ``weighted_outputs``: False leaves linear/conv outputs float (as x86-style quantizers do).
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class ReferenceTestQuantizer(Quantizer):
         pool_output: str = "shared",
         int32_bias: bool = False,
         binary_ops: tuple = (aten.add.Tensor,),
+        weighted_outputs: bool = True,
     ) -> None:
         self.act = DYNAMIC_ACT if dynamic else act
         self.weight = weight
@@ -102,6 +104,7 @@ class ReferenceTestQuantizer(Quantizer):
         self.pool_output = pool_output
         self.int32_bias = int32_bias
         self.binary_ops = binary_ops
+        self.weighted_outputs = weighted_outputs
 
     def annotate(self, model: GraphModule) -> GraphModule:
         for node in model.graph.nodes:
@@ -139,7 +142,7 @@ class ReferenceTestQuantizer(Quantizer):
                     ch_axis=self.weight.ch_axis,
                 ),
             )
-        if self.dynamic:
+        if self.dynamic or not self.weighted_outputs:
             mark_annotated([node])
         else:
             self._output(node)
@@ -380,6 +383,28 @@ def test_dynamic_linear():
 
 
 # ----------------------------------------------------------------------------- what the graph says
+@pytest.mark.parametrize("model, shapes, name", [
+    (ConvModel(relu=True, padding=1), [(2, 4, 8, 8)], "conv2d_float_output"),
+    (LinearModel(), [(4, 16)], "linear_float_output"),
+])
+def test_float_output(model, shapes, name):
+    """Quantized input and weight, float output: the integer accumulator is scaled back to float."""
+    quantizer = ReferenceTestQuantizer(act=UINT8_ACT, weighted_outputs=False)
+    qdq, reference, inputs, expected = _quantize(model, shapes, quantizer)
+    assert _islands(qdq, WEIGHTED_OPS) == 1
+    assert _islands(reference, WEIGHTED_OPS) == 0
+    assert reference.meta[REFERENCE_META] == {name: 1}
+    assert _count(reference, (aten.relu.default,)) == _count(qdq, (aten.relu.default,))  # the float relu stays
+    x_scale = _node(qdq, qd.dequantize_per_tensor.default).args[1]
+    weight_scale = getattr(qdq, _node(qdq, qd.dequantize_per_channel.default).args[1].target).max().item()
+    with torch.no_grad():
+        got_qdq, got_ref = qdq(*inputs), reference(*inputs)
+    assert got_ref.dtype is torch.float32
+    # the bias is rounded to the accumulator's step x_scale * w_scale: at most half a step off
+    torch.testing.assert_close(got_ref, got_qdq, rtol=1e-5, atol=x_scale * weight_scale)
+    assert sqnr_db(expected, got_ref) >= 25
+
+
 def test_linear_graph_is_int16_operands_int32_accumulator_int32_bias():
     _, reference, _, _ = _quantize(LinearModel(), [(4, 16)], ReferenceTestQuantizer())
     accumulate = _node(reference, out_dtype)

@@ -119,25 +119,29 @@ def _output_island(anchor: Node) -> Optional[tuple[Optional[Node], QParams]]:
 # ----------------------------------------------------------------------------- matches
 @dataclass
 class WeightedMatch:
-    """``dq(x) -> linear/conv2d(·, dq(w), bias) -> [relu] -> q`` (static)."""
+    """``dq(x) -> linear/conv2d(·, dq(w), bias) -> [relu] -> q`` (static), or with a float
+    output (``out`` None: no quantize follows, as x86-style quantizers leave it)."""
 
     anchor: Node
     x: QParams
     weight: QParams
     bias: Optional[Node]
     relu: Optional[Node]
-    out: QParams
+    out: Optional[QParams]
     conv_args: tuple = ()
 
     @property
     def name(self) -> str:
         base = "linear" if self.anchor.target is aten.linear.default else "conv2d"
+        if self.out is None:
+            return base + "_float_output"
         return base + ("_relu" if self.relu is not None else "")
 
     @property
     def island(self) -> list[Node]:
         bias_dq = self.bias if read_dequantize(self.bias) is not None else None  # an int32 bias
-        nodes = [self.out.node, self.relu, self.anchor, self.x.node, self.weight.node, bias_dq]
+        out = self.out.node if self.out is not None else None
+        nodes = [out, self.relu, self.anchor, self.x.node, self.weight.node, bias_dq]
         return [n for n in nodes if n is not None]
 
 
@@ -221,9 +225,7 @@ def match_static_weighted(anchor: Node) -> Optional[WeightedMatch]:
         if isinstance(conv_args[1], str):  # padding="same"/"valid" is the .padding overload
             return None
     island = _output_island(anchor)
-    if island is None:
-        return None
-    relu, out = island
+    relu, out = island if island is not None else (None, None)  # no quantize after: float output
     return WeightedMatch(anchor, x, weight, bias, relu, out, conv_args)
 
 
@@ -433,23 +435,23 @@ def _accumulate(emit: Emitter, op: Any, x: Node, weight: Node, conv_args: tuple)
 
 
 def emit_static_weighted(emit: Emitter, match: WeightedMatch) -> Node:
-    """Integer linear/conv2d: int16 operands, int32 accumulator, int32 bias, requantize, clamp."""
+    """Integer linear/conv2d: int16 operands, int32 accumulator, int32 bias, then requantize and
+    clamp (quantized output) or scale to float (float output)."""
     is_conv = match.anchor.target is aten.conv2d.default
-    weight_ndim = 4 if is_conv else 2
-    out_ndim = 4 if is_conv else 1  # per-channel vectors broadcast on dim 1 of NCHW, last dim of linear
+    channel_dims = 3 if is_conv else 1  # a per-channel vector broadcasts over [C, H, W] / [C]
     x = _centered(emit, match.x, 0)
-    weight = _centered(emit, match.weight, weight_ndim)
+    weight = _centered(emit, match.weight, 4 if is_conv else 2)
     acc = _accumulate(emit, match.anchor.target, x, weight, match.conv_args)
     acc_scale = _accumulator_scale(emit, match.x.scale, match.weight)
     if match.bias is not None:
-        bias = _int32_bias(emit, match.bias, acc_scale)
-        if is_conv:
-            bias = emit.channel_view(bias, out_ndim - 1)
+        bias = emit.channel_view(_int32_bias(emit, match.bias, acc_scale), channel_dims)
         acc = emit.call(aten.add.Tensor, acc, bias)
+    if match.out is None:
+        if isinstance(acc_scale, Node):
+            acc_scale = emit.channel_view(emit.cast(acc_scale, torch.float32), channel_dims)
+        return emit.call(aten.mul.Tensor, emit.cast(acc, torch.float32), acc_scale)
     if isinstance(acc_scale, Node):
-        multiplier = emit.call(aten.div.Tensor, acc_scale, match.out.scale)
-        if is_conv:
-            multiplier = emit.channel_view(multiplier, out_ndim - 1)
+        multiplier = emit.channel_view(emit.call(aten.div.Tensor, acc_scale, match.out.scale), channel_dims)
     else:
         multiplier = acc_scale / match.out.scale
     return _requantize(emit, acc, multiplier, match.out, relu=match.relu is not None)

@@ -18,7 +18,9 @@ Rewritten islands (the matchers and replacements live in
 :mod:`qcore.passes.reference_patterns`):
 
 * static ``linear`` and ``conv2d`` (8-bit per-tensor activation, int8 per-tensor or
-  per-channel weight, float or int32 bias, optional ``relu`` before the output quantize);
+  per-channel weight, float or int32 bias, optional ``relu`` before the output quantize; with
+  no output quantize, as x86-style quantizers leave it, the int32 accumulator is scaled back to
+  float);
 * ``add`` and ``add -> relu`` of two 8-bit tensors;
 * ``max_pool2d`` (computed on the 8-bit values, re-quantized only if the qparams change);
 * dynamic ``linear`` (``choose_qparams`` still picks the activation qparams at run time; the
@@ -108,7 +110,8 @@ def _report_leftovers(graph: Any) -> None:
         if reads_dq and feeds_q:
             log.info(
                 "reference representation: %s (%s) keeps its quantize/dequantize ops; "
-                "rewritten patterns: linear, conv2d (+relu), add, add_relu, max_pool2d, dynamic linear",
+                "rewritten patterns: linear, conv2d (+relu, or float output), add, add_relu, "
+                "max_pool2d, dynamic linear",
                 node.name,
                 node.target,
             )
