@@ -505,6 +505,14 @@ def test_reference_model_exports_again():
         torch.testing.assert_close(again(*inputs), reference(*inputs), rtol=0, atol=0)
 
 
+@pytest.mark.slow  # torch.compile
+def test_reference_model_compiles():
+    _, reference, inputs, _ = _quantize(ChainModel(), [(2, 3, 8, 8), (2, 4, 8, 8)], ReferenceTestQuantizer())
+    compiled = torch.compile(reference)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*inputs), reference(*inputs), rtol=0, atol=0)
+
+
 def test_unused_weight_qparams_are_dropped():
     qdq, reference, _, _ = _quantize(LinearModel(), [(4, 16)], ReferenceTestQuantizer())
     zero_point_attr = _node(qdq, qd.dequantize_per_channel.default).args[2].target
