@@ -354,11 +354,6 @@ class ObserverBase(ObserverOrFakeQuantizeBase):
                 f"{owner}: qscheme {qscheme} is not supported; allowed: {_names(self.allowed_qschemes)}"
             )
         self.qscheme = qscheme
-        if reduce_range:
-            warnings.warn(
-                f"{owner}: reduce_range is deprecated in torch.ao; prefer quant_min/quant_max",
-                stacklevel=2,
-            )
         self.reduce_range = bool(reduce_range)
         self.is_dynamic = bool(is_dynamic)
         self.quant_min, self.quant_max, self.has_customized_qrange = resolve_quant_range(
