@@ -29,6 +29,7 @@ _AO_DTYPE = {torch.uint8: torch.quint8, torch.int8: torch.qint8}
 
 def _activations(seed: int) -> dict[str, list[torch.Tensor]]:
     """Calibration batches shaped like real activations (several batches each)."""
+    torch.manual_seed(seed)  # layer initialisation
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ import math
 import warnings
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from qcore.errors import CalibrationError
@@ -181,6 +182,10 @@ def calculate_qparams_from_min_max(
     ``eps`` is a 1-element float tensor; per-tensor results have shape ``[1]``.
     """
     dtype = to_plain_dtype(dtype)
+    if _is_cpu_float32_scalar(min_val, max_val, eps) and qscheme in PER_TENSOR_QSCHEMES:
+        return _per_tensor_qparams(
+            min_val, max_val, dtype, qscheme, quant_min, quant_max, eps, has_customized_qrange, who
+        )
     if not _check_min_max_valid(min_val, max_val, who):
         device = min_val.device.type
         return torch.tensor([1.0], device=device), torch.tensor([0], device=device)
@@ -215,6 +220,53 @@ def calculate_qparams_from_min_max(
         if qscheme == torch.per_channel_affine_float_qparams:
             zero_point = torch.tensor([float(zero_point)], dtype=zero_point.dtype, device=device)
     return scale, zero_point
+
+
+def _is_cpu_float32_scalar(*tensors: torch.Tensor) -> bool:
+    return all(t.numel() == 1 and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
+def _per_tensor_qparams(
+    min_val: torch.Tensor,
+    max_val: torch.Tensor,
+    dtype: torch.dtype,
+    qscheme: torch.qscheme,
+    quant_min: int,
+    quant_max: int,
+    eps: torch.Tensor,
+    has_customized_qrange: bool,
+    who: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`calculate_qparams_from_min_max` for one float32 min/max pair on the CPU.
+
+    The same float32 operations on numpy scalars instead of 0-dim tensors (IEEE arithmetic
+    either way, so the same bits), a few times faster.
+    """
+    f32 = np.float32
+    low, high = f32(min_val.item()), f32(max_val.item())
+    if low == math.inf and high == -math.inf:
+        warnings.warn(
+            f"{who}: calculate_qparams called before the observer saw any data; "
+            "returning the default scale 1.0 and zero point 0",
+            stacklevel=3,
+        )
+        return torch.tensor([1.0]), torch.tensor([0])
+    if low > high:
+        raise CalibrationError(f"{who}: min {float(low)} is greater than max {float(high)}")
+    min_neg = min(low, f32(0.0))
+    max_pos = max(high, f32(0.0))
+    eps32 = f32(eps.item())
+    with np.errstate(all="ignore"):
+        if qscheme == torch.per_tensor_symmetric:
+            scale = max(max(-min_neg, max_pos) / f32(float(quant_max - quant_min) / 2), eps32)
+            zero_point = 0
+            if dtype == torch.uint8:
+                zero_point = (quant_min + quant_max) // 2 if has_customized_qrange else 128
+            return torch.tensor([scale], dtype=torch.float32), torch.tensor([zero_point], dtype=torch.int64)
+        scale = max((max_pos - min_neg) / f32(float(quant_max - quant_min)), eps32)
+        zero_point = quant_min - int(np.rint(min_neg / scale))
+    zero_point = min(max(zero_point, quant_min), quant_max)
+    return torch.tensor([scale], dtype=torch.float32), torch.tensor([zero_point], dtype=torch.int32)
 
 
 def _freeze(value: Any) -> Any:

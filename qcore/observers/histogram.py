@@ -378,16 +378,21 @@ class HistogramObserver(ObserverBase):
     # ------------------------------------------------------------------ qparams
     def _non_linear_param_search(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (min, max) range with the smallest L2 quantization error, as torch.ao finds it."""
-        bin_width_value = (self.max_val.item() - self.min_val.item()) / self.bins
-        start, end = search_bin_range(self.histogram, bin_width_value, self.dst_nbins)
-        bin_width = (self.max_val - self.min_val) / self.bins
-        new_min = self.min_val + bin_width * start
-        new_max = self.min_val + bin_width * (end + 1)
-        return new_min, new_max
+        min_val, max_val = self.min_val.item(), self.max_val.item()
+        start, end = search_bin_range(self.histogram, (max_val - min_val) / self.bins, self.dst_nbins)
+        # torch.ao's float32 arithmetic: bin_width = (max - min) / bins, new_min = min + bin_width *
+        # start, new_max = min + bin_width * (end + 1); done on numpy scalars (same IEEE operations)
+        f32 = np.float32
+        with np.errstate(all="ignore"):
+            bin_width = (f32(max_val) - f32(min_val)) / f32(self.bins)
+            new_min = f32(min_val) + bin_width * f32(start)
+            new_max = f32(min_val) + bin_width * f32(end + 1)
+        device = self.min_val.device
+        return torch.tensor(new_min, device=device), torch.tensor(new_max, device=device)
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` of shape ``[1]``; the defaults 1.0 and 0 before any data."""
-        if bool(self.min_val == float("inf")) and bool(self.max_val == float("-inf")):
+        if self.min_val.item() == math.inf and self.max_val.item() == -math.inf:
             warnings.warn(
                 f"{self._who()}: calculate_qparams called before the observer saw any data; "
                 "returning the default scale 1.0 and zero point 0",
