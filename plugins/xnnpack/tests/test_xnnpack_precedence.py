@@ -145,3 +145,28 @@ def test_a_second_annotate_run_changes_nothing():
     after = {n.name: (dict(n.meta["quantization_annotation"].input_qspec_map), n.meta["quantization_annotation"].output_qspec)
              for n in gm.graph.nodes if "quantization_annotation" in n.meta}
     assert after == before
+
+
+def test_module_name_scope_claims_fused_patterns_whose_weights_have_no_module_stack():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+            self.other = Block()
+
+        def forward(self, x):
+            return self.other(self.block(x))
+
+    q = XNNPACKQuantizer().set_global(GLOBAL).set_module_name("block", NAMED)
+    gm = annotate(Model(), (torch.randn(1, 3, 4, 4),), q)
+    assert input_map(gm, "conv2d")["block_conv_weight"] is NAMED.weight
+    assert annotation(gm, "relu").output_qspec is NAMED.output_activation
+    assert input_map(gm, "conv2d_1")["other_conv_weight"] is GLOBAL.weight
