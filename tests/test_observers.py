@@ -279,7 +279,30 @@ def test_batched_errors_are_bit_identical_to_torch_ao():
     errors = qc_histogram._quantization_errors(
         density, bin_width, ref.dst_nbins, [r[0] for r in ranges], [r[1] for r in ranges]
     )
-    assert errors == [ref._compute_quantization_error(s, e) for s, e in ranges]
+    expected = [ref._compute_quantization_error(s, e) for s, e in ranges]
+    assert errors == expected
+    for count in (1, 2, 3):  # small batches reduce the same way
+        assert qc_histogram._quantization_errors(
+            density, bin_width, ref.dst_nbins, [r[0] for r in ranges[:count]], [r[1] for r in ranges[:count]]
+        ) == expected[:count]
+
+
+@pytest.mark.parametrize(
+    "scale, config",
+    [
+        (1e30, dict(dtype=torch.uint8)),
+        (1e-30, dict(dtype=torch.int8)),
+        (1.0, dict(dtype=torch.int16, qscheme=SYM)),
+        (1.0, dict(dtype=torch.uint8, bins=3)),
+    ],
+    ids=["huge", "tiny", "int16", "three_bins"],
+)
+def test_histogram_extreme_ranges_match_torch_ao(scale, config):
+    obs, ref = HistogramObserver(**config), ao.HistogramObserver(**config)
+    for x in _batches("normal", shape=(32, 32), count=2, seed=5):
+        obs(x * scale)
+        ref(x * scale)
+    _assert_histogram_qparams_close(obs.calculate_qparams(), ref.calculate_qparams())
 
 
 def test_quantile_steps_accumulate_like_a_python_loop():
@@ -470,6 +493,13 @@ def test_per_channel_state_dict_round_trip_and_reset():
     _assert_same_qparams(clone.calculate_qparams(), obs.calculate_qparams())
     clone.reset_min_max_vals()
     assert not clone.has_observed()
+
+
+def test_float64_observer_uses_the_tensor_path_and_still_matches():
+    obs, ref = MinMaxObserver(dtype=torch.int8).to(torch.float64), ao.MinMaxObserver(dtype=torch.int8).to(torch.float64)
+    for x in _batches("exponential"):
+        obs(x.double()), ref(x.double())
+    _assert_same_qparams(obs.calculate_qparams(), ref.calculate_qparams())
 
 
 def test_minmax_buffers_follow_to_and_deepcopy():

@@ -44,7 +44,7 @@ __all__ = ["HistogramObserver"]
 _STEP = 1e-5
 _FLOAT32 = struct.Struct("f")
 #: Candidates whose errors are computed together; grows when the search goes on.
-_FIRST_BATCH = 8
+_FIRST_BATCH = 4
 _MAX_BATCH = 256
 #: torch reduces tensors smaller than its grain size (32768 elements) on one thread.
 _SUM_GRAIN = 32767
