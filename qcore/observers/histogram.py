@@ -195,8 +195,8 @@ def search_bin_range(histogram: torch.Tensor, bin_width: float, dst_nbins: int) 
     """
     bins = histogram.numel()
     hist = histogram.detach()
-    if hist.device.type != "cpu":
-        hist = hist.cpu()
+    if hist.device.type != "cpu" or hist.dtype != torch.float32:
+        hist = hist.to("cpu", torch.float32)  # the search is torch.ao's float32 arithmetic
     # float32 values held as float64, so that comparisons with float32 thresholds are exact
     cum = torch.cumsum(hist, dim=0).numpy().astype(np.float64)
     total = torch.sum(hist).item()
