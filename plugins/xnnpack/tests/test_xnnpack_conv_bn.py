@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _xnnpack_helpers import annotate, annotation, config, input_map, qdq_counts, quantize, quantizer
+from _xnnpack_helpers import annotate, annotation, config, input_map, qdq_counts, quantize, quantizer, quantizer_with
 
 X2D = (torch.randn(2, 3, 8, 8),)
 X1D = (torch.randn(2, 3, 8),)
@@ -80,7 +80,10 @@ def test_the_batch_norm_counter_update_is_left_alone():
 
 
 @pytest.mark.parametrize("relu", [False, True])
-def test_qat_conv_bn_qdq_counts(relu):
-    converted = quantize(ConvBn(relu), X2D, quantizer("qat"), is_qat=True)
-    # conv input, folded weight (dq only), pattern output
-    assert qdq_counts(converted) == {"q": 2, "dq": 3}
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qat_conv_bn_qdq_counts(relu, per_channel):
+    q = quantizer_with(is_qat=True, is_per_channel=per_channel)
+    converted = quantize(ConvBn(relu), X2D, q, is_qat=True)
+    # conv input, weight (dq only), pattern output; the batch norm is folded into the conv
+    assert qdq_counts(converted) == ({"q": 2, "dq": 2, "dq_pc": 1} if per_channel else {"q": 2, "dq": 3})
+    assert not any("batch_norm" in str(n.target) for n in converted.graph.nodes)

@@ -103,3 +103,31 @@ def test_propagation_never_overwrites_a_claimed_node():
 def test_propagated_chain_counts():
     # x, weight (dq only), conv output, then one q/dq pair per propagated op
     assert qdq_counts(quantize(ConvChain(), X, quantizer())) == {"q": 5, "dq": 6}
+
+
+GRU_COUNTS = {
+    "static": {"q": 5, "dq": 6},
+    "per_channel": {"q": 5, "dq": 5, "dq_pc": 1},
+    "dynamic": {"choose_qparams": 1, "q": 1, "dq": 2},  # only the linear after the GRU
+    "qat": {"q": 5, "dq": 6},
+}
+CHAIN_COUNTS = {
+    "static": {"q": 5, "dq": 6},
+    "per_channel": {"q": 5, "dq": 5, "dq_pc": 1},
+    "dynamic": {},
+    "qat": {"q": 5, "dq": 6},
+}
+
+
+@pytest.mark.parametrize("kind", list(GRU_COUNTS))
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.gru")
+def test_gru_counts_for_every_config_kind(kind):
+    converted = quantize(GRUModel(), GRU_INPUTS, quantizer(kind), is_qat=kind == "qat")
+    assert qdq_counts(converted) == GRU_COUNTS[kind]
+
+
+@pytest.mark.parametrize("kind", list(CHAIN_COUNTS))
+@pytest.mark.filterwarnings("ignore:XNNPACKQuantizer annotated none")
+def test_propagated_chain_counts_for_every_config_kind(kind):
+    converted = quantize(ConvChain(), X, quantizer(kind), is_qat=kind == "qat")
+    assert qdq_counts(converted) == CHAIN_COUNTS[kind]

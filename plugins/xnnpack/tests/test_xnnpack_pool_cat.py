@@ -148,3 +148,29 @@ def test_cat_counts_for_other_configs(kind):
         assert counts == {"q": 5, "dq": 7, "dq_pc": 3}
     else:
         assert counts == {"q": 5, "dq": 10}
+
+
+class ConvAvgPool(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(self.conv(x), 1)
+
+
+POOL_COUNTS = {
+    # conv input, weight (dq only), conv/relu output, pool output (same scale)
+    "static": {"q": 3, "dq": 4},
+    "per_channel": {"q": 3, "dq": 3, "dq_pc": 1},
+    "dynamic": {},
+    "qat": {"q": 3, "dq": 4},
+}
+
+
+@pytest.mark.parametrize("kind", list(POOL_COUNTS))
+@pytest.mark.parametrize("model_cls", [ConvReluMaxPool, ConvAvgPool])
+@pytest.mark.filterwarnings("ignore:XNNPACKQuantizer annotated none")
+def test_pool_counts_for_every_config_kind(model_cls, kind):
+    converted = quantize(model_cls(), X, quantizer(kind), is_qat=kind == "qat")
+    assert qdq_counts(converted) == POOL_COUNTS[kind]
