@@ -33,28 +33,66 @@ from qcore.spec import (
 _OWN_SPECS = (QuantizationSpec, FixedQParamsQuantizationSpec, SharedQuantizationSpec, DerivedQuantizationSpec)
 
 
-def copy_graph_module(gm: GraphModule, copy_tensors: bool = True) -> tuple[GraphModule, dict[Node, Node]]:
-    """A new GraphModule with its own graph (and its own tensors if ``copy_tensors``).
+def copy_graph_module(
+    gm: GraphModule, copy_tensors: bool = True, recompile: bool = True
+) -> tuple[GraphModule, dict[Node, Node]]:
+    """A new GraphModule with its own graph and module tree (and its own tensors if
+    ``copy_tensors``). Returns the copy and the map from old nodes to new nodes.
 
-    Returns the copy and the map from old nodes to new nodes.
+    Submodule containers are copied without re-running ``__init__`` (fast on deep models).
+    With ``recompile=False`` the caller must call ``recompile()`` before running the copy.
     """
     graph, node_map = _copy_graph(gm.graph)
-    root = torch.nn.Module()
     cloned: dict[int, Any] = {}
+    new = GraphModule(torch.nn.Module(), Graph(), class_name="GraphModule")
+    new._parameters = {k: _maybe_clone(v, copy_tensors, cloned) for k, v in gm._parameters.items()}
+    new._buffers = {k: _maybe_clone(v, copy_tensors, cloned) for k, v in gm._buffers.items()}
+    new._non_persistent_buffers_set = set(getattr(gm, "_non_persistent_buffers_set", ()))
+    new._modules = {k: _copy_module_tree(v, copy_tensors, cloned) for k, v in gm._modules.items()}
     for node in graph.nodes:
-        if node.op == "get_attr":
+        if node.op == "get_attr" and not _has_attr_path(new, node.target):
             value = _get_attr_path(gm, node.target)
-            if copy_tensors and isinstance(value, torch.Tensor):
-                value = _clone_tensor(value, cloned)
-            _set_attr_path(root, node.target, value, is_buffer=_is_buffer(gm, node.target))
-        elif node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            _set_attr_path(root, node.target, copy.deepcopy(module) if copy_tensors else module)
-    new = GraphModule(root, graph, class_name=type(gm).__name__ if "<locals>" not in type(gm).__qualname__ else "GraphModule")
+            _set_attr_path(new, node.target, _maybe_clone(value, copy_tensors, cloned))
     new.meta.update(getattr(gm, "meta", {}))
     new.training = gm.training
+    new._graph = graph
+    graph.owning_module = new
     remap_annotations(new, node_map)
+    if recompile:
+        new.recompile()
     return new, node_map
+
+
+def _maybe_clone(value: Any, copy_tensors: bool, cloned: dict[int, Any]) -> Any:
+    if copy_tensors and isinstance(value, torch.Tensor):
+        return _clone_tensor(value, cloned)
+    return value
+
+
+def _copy_module_tree(module: Any, copy_tensors: bool, cloned: dict[int, Any]) -> Any:
+    """Copy a module's containers (not its __init__): own dicts, shared or cloned tensors."""
+    if module is None:
+        return None
+    if not copy_tensors and not module._modules and not module._parameters and not module._buffers:
+        return module
+    if id(module) in cloned:
+        return cloned[id(module)]
+    new = object.__new__(type(module))
+    cloned[id(module)] = new
+    new.__dict__ = module.__dict__.copy()
+    new._parameters = {k: _maybe_clone(v, copy_tensors, cloned) for k, v in module._parameters.items()}
+    new._buffers = {k: _maybe_clone(v, copy_tensors, cloned) for k, v in module._buffers.items()}
+    new._modules = {k: _copy_module_tree(v, copy_tensors, cloned) for k, v in module._modules.items()}
+    return new
+
+
+def _has_attr_path(module: Any, target: str) -> bool:
+    value = module
+    for atom in target.split("."):
+        if not hasattr(value, atom):
+            return False
+        value = getattr(value, atom)
+    return True
 
 
 def _copy_graph(old: Graph) -> tuple[Graph, dict[Node, Node]]:
@@ -73,12 +111,6 @@ def _get_attr_path(module: torch.nn.Module, target: str) -> Any:
     for atom in target.split("."):
         value = getattr(value, atom)
     return value
-
-
-def _is_buffer(module: torch.nn.Module, target: str) -> bool:
-    owner_path, _, name = target.rpartition(".")
-    owner = module.get_submodule(owner_path) if owner_path else module
-    return name in owner._buffers
 
 
 def _set_attr_path(root: torch.nn.Module, target: str, value: Any, is_buffer: bool = False) -> None:

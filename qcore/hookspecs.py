@@ -101,7 +101,8 @@ def insert_observers(model: Any, is_qat: bool) -> Any:
     returning None after doing its own preparation.
 
     Args:
-        model: the annotated ``torch.fx.GraphModule``.
+        model: the annotated ``torch.fx.GraphModule`` (qcore's own copy of the user's model:
+            rewrite it in place or return a new one).
         is_qat: whether the model is prepared for training.
 
     Returns:

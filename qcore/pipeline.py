@@ -60,7 +60,7 @@ def _check_quantizer(quantizer: Any) -> None:
 def _prepare(model: GraphModule, quantizer: Any, is_qat: bool, verb: str) -> GraphModule:
     _check_exported(model, verb)
     _check_quantizer(quantizer)
-    model, _ = copy_graph_module(model)
+    model, _ = copy_graph_module(model, recompile=False)  # insert_observers recompiles
     transform = getattr(quantizer, "transform_for_annotation", None)
     if callable(transform):
         model = transform(model)
@@ -139,7 +139,7 @@ def convert_pt2e(
             "convert_pt2e expects a model returned by prepare_pt2e or prepare_qat_pt2e (it has no observers); "
             "call qcore.prepare_pt2e(model, quantizer) and calibrate it first"
         )
-    model, _ = copy_graph_module(model, copy_tensors=False)
+    model, _ = copy_graph_module(model, copy_tensors=False, recompile=False)
     convert_observers(model)
     fold_conv_bn_qat(model)
     duplicate_dequantize(model)

@@ -11,7 +11,8 @@ from qcore.hookspecs import hookimpl
 def insert_observers(model: Any, is_qat: bool) -> Any:
     from qcore.passes.insert_observers import insert_observers as insert
 
-    return insert(model, is_qat=is_qat)
+    # prepare_pt2e hands the hook its own copy of the user's model: rewrite it in place
+    return insert(model, is_qat=is_qat, in_place=True)
 
 
 @hookimpl

@@ -13,6 +13,7 @@ A float weight no longer used by the graph is dropped from the module.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ def fold_weight_quantize(model: GraphModule) -> bool:
     graph = model.graph
     changed = False
     index = 0
+    attr_readers = Counter(n.target for n in graph.nodes if n.op == "get_attr")
     for q in list(graph.nodes):
         if not is_quantize(q) or not isinstance(q.args[0], Node) or q.args[0].op != "get_attr":
             continue
@@ -60,14 +62,14 @@ def fold_weight_quantize(model: GraphModule) -> bool:
         if not weight.users:
             target = weight.target
             graph.erase_node(weight)
-            _drop_attr(model, target)
+            attr_readers[target] -= 1
+            if attr_readers[target] == 0:
+                _drop_attr(model, target)
         changed = True
     return changed
 
 
 def _drop_attr(model: GraphModule, target: str) -> None:
-    if any(n.op == "get_attr" and n.target == target for n in model.graph.nodes):
-        return
     owner_path, _, name = target.rpartition(".")
     owner = model.get_submodule(owner_path) if owner_path else model
     for table in (owner._parameters, owner._buffers):

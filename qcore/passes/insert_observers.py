@@ -62,8 +62,10 @@ def insert_observers(
     model: GraphModule,
     is_qat: bool = False,
     obs_or_fq_callback: Optional[Callable[[GraphModule, dict], None]] = None,
+    in_place: bool = False,
 ) -> GraphModule:
-    """Return a copy of ``model`` with observers or fake-quantizers on every annotated point.
+    """Return a copy of ``model`` with observers or fake-quantizers on every annotated point
+    (``in_place=True``: rewrite ``model`` itself, for callers that own it).
 
     >>> import torch, qcore
     >>> from qcore.observers import MinMaxObserver
@@ -77,10 +79,12 @@ def insert_observers(
     """
     if model.meta.get(PREPARED_META) or any(n.meta.get(OBSERVER_META) for n in model.graph.nodes):
         log.info("insert_observers: the model already has observers; returned unchanged")
+        model.recompile()
         return model
     if obs_or_fq_callback is None:
         obs_or_fq_callback = model.meta.get(OBS_OR_FQ_CALLBACK_META)
-    model, _ = copy_graph_module(model, copy_tensors=False)
+    if not in_place:
+        model, _ = copy_graph_module(model, copy_tensors=False, recompile=False)
     model.meta.pop(OBS_OR_FQ_CALLBACK_META, None)
     points = _collect_points(model)
     groups = _SharingGroups(points)
