@@ -335,6 +335,8 @@ def test_histogram_state_dict_round_trip():
     clone = HistogramObserver(dtype=torch.int8)
     clone.load_state_dict(obs.state_dict())
     _assert_same_qparams(clone.calculate_qparams(), obs.calculate_qparams())
+    clone.reset_min_max_vals()
+    assert not clone.has_observed() and float(clone.histogram.sum()) == 0.0
 
 
 # ----------------------------------------------------------------------------- NaN / inf / empty

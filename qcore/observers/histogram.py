@@ -379,8 +379,8 @@ class HistogramObserver(ObserverBase):
     def has_observed(self) -> bool:
         return bool(self.min_val != float("inf"))
 
-    def reset_histogram(self) -> None:
-        """Forget everything observed."""
+    def reset_min_max_vals(self) -> None:
+        """Forget everything observed (histogram and range)."""
         self.histogram.zero_()
         self.min_val.fill_(float("inf"))
         self.max_val.fill_(float("-inf"))
