@@ -8,7 +8,7 @@ A fake-quantizer observes its input (while ``observer_enabled``), refreshes ``sc
 
 >>> fq = FakeQuantize(dtype=torch.int8, quant_min=-128, quant_max=127, averaging_constant=1.0)
 >>> fq(torch.tensor([-1.0, 0.3, 1.0]))
-tensor([-1.0039,  0.2980,  1.0039])
+tensor([-0.9961,  0.2980,  0.9961])
 >>> model = torch.nn.Sequential(fq)
 >>> _ = model.apply(disable_observer)
 >>> int(fq.observer_enabled)
