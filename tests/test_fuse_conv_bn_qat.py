@@ -7,7 +7,6 @@ depend on a backend plugin); ``test_fold_conv_bn_qat`` and ``test_qat_digits`` i
 from __future__ import annotations
 
 import copy
-import sys
 import types
 from typing import Any, Optional
 

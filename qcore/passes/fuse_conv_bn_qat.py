@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import attrs
 from torch.fx import GraphModule, Node
 
 from qcore.annotation import ANNOTATION_KEY
@@ -111,8 +112,6 @@ def _remap_spec(spec: Any, edge_map: dict[Edge, Edge]) -> Any:
         derived_from = [_remap_point(p, edge_map) for p in spec.derived_from]
         if all(a is b for a, b in zip(derived_from, spec.derived_from)):
             return spec
-        import attrs
-
         return attrs.evolve(spec, derived_from=derived_from)
     return spec
 
