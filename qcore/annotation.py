@@ -97,13 +97,13 @@ def _type_name(cls: Any) -> str:
 def module_name_filter(name: str) -> FilterFn:
     """Accept nodes created inside the module at path ``name`` (any enclosing module counts).
 
-    Nodes without a module stack (weights, placeholders) are accepted: their consumer decides.
+    Nodes that are not calls (weights, placeholders) are accepted: their consumer decides.
     """
 
     def accept(node: Node) -> bool:
-        stack = _module_stack(node)
-        if stack is None:
+        if node.op != "call_function":
             return True
+        stack = _module_stack(node) or {}
         return any(_normalize_path(path) == name for path, _ in stack.values())
 
     accept.__name__ = f"module_name_filter({name!r})"
@@ -115,28 +115,48 @@ def module_type_filter(module_type: type) -> FilterFn:
     wanted = _type_name(module_type)
 
     def accept(node: Node) -> bool:
-        stack = _module_stack(node)
-        if stack is None:
+        if node.op != "call_function":
             return True
+        stack = _module_stack(node) or {}
         return any(_type_name(cls) == wanted for _, cls in stack.values())
 
     accept.__name__ = f"module_type_filter({wanted})"
     return accept
 
 
-def operator_type_filter(op: Any) -> FilterFn:
-    """Accept nodes calling ``op`` (an overload such as ``aten.conv2d.default`` or its packet).
+def _calls_op(node: Node, op: Any) -> bool:
+    target = node.target
+    return target is op or getattr(target, "overloadpacket", None) is op
 
-    Nodes that are not calls (weights, placeholders) are accepted: their consumer decides.
+
+def operator_type_filter(op: Any, strict: bool = False) -> FilterFn:
+    """Accept nodes of the patterns anchored at ``op`` (``aten.conv2d.default`` or its packet).
+
+    A compute node is accepted if it calls ``op``, or (unless ``strict``) if it is not itself a
+    quantizable anchor op (conv, linear, add, ...): the relu of a conv-relu partition follows
+    its conv. Nodes that are not calls (weights, placeholders) are accepted: their consumer
+    decides.
     """
+    from qcore.coverage import QUANTIZABLE_OPS
 
     def accept(node: Node) -> bool:
         if node.op != "call_function":
             return True
-        target = node.target
-        return target is op or getattr(target, "overloadpacket", None) is op
+        if _calls_op(node, op):
+            return True
+        return not strict and node.target not in QUANTIZABLE_OPS
 
     accept.__name__ = f"operator_type_filter({op})"
+    return accept
+
+
+def calls_operator_filter(op: Any) -> FilterFn:
+    """Accept exactly the call nodes of ``op`` (used to keep them out of the global scope)."""
+
+    def accept(node: Node) -> bool:
+        return node.op == "call_function" and _calls_op(node, op)
+
+    accept.__name__ = f"calls_operator_filter({op})"
     return accept
 
 
@@ -144,7 +164,7 @@ def not_any_filter(filters: list[FilterFn]) -> FilterFn:
     """Accept compute nodes that none of ``filters`` claims (the global scope)."""
 
     def accept(node: Node) -> bool:
-        if node.op != "call_function" or _module_stack(node) is None:
+        if node.op != "call_function":
             return True
         return not any(f(node) for f in filters)
 

@@ -23,6 +23,7 @@ from torch.fx import GraphModule
 
 from qcore.annotation import (
     FilterFn,
+    calls_operator_filter,
     module_name_filter,
     module_type_filter,
     not_any_filter,
@@ -54,12 +55,13 @@ class Quantizer(abc.ABC):
 
 
 def config_mode(config: QuantizationConfig) -> str:
-    """"qat", "dynamic" or "static": which annotators a config runs."""
-    if config.is_qat:
-        return "qat"
+    """"dynamic", "qat" or "static": which annotators a config runs (a dynamic QAT config is
+    dynamic: only the dynamic annotators apply)."""
     act = config.input_activation
     if act is not None and getattr(act, "is_dynamic", False):
         return "dynamic"
+    if config.is_qat:
+        return "qat"
     return "static"
 
 
@@ -122,9 +124,8 @@ class BackendQuantizer(Quantizer):
         outside_modules = not_any_filter(list(module_filters))
         op_filters: list[FilterFn] = []
         for op, config in self.operator_type_config.items():
-            f = operator_type_filter(op)
-            op_filters.append(f)
-            scopes.append((f"operator type {op}", config, _both(f, outside_modules)))
+            op_filters.append(calls_operator_filter(op))
+            scopes.append((f"operator type {op}", config, _both(operator_type_filter(op), outside_modules)))
         scopes.append(("global", self.global_config, not_any_filter(module_filters + op_filters)))
         return scopes
 

@@ -61,7 +61,7 @@ def output_scale(gm) -> float:
 
 def both_flows(model, example, quantizer):
     torch.manual_seed(1)
-    calibration = [tuple(torch.randn_like(t) for t in example) for _ in range(4)]
+    calibration = [tuple(torch.randn_like(t) for t in example) for _ in range(4)] + [example]
     results = []
     for prepare, convert in ((qcore.prepare_pt2e, qcore.convert_pt2e), (ao_prepare_pt2e, ao_convert_pt2e)):
         exported = torch.export.export(model, example).module()
@@ -75,8 +75,12 @@ def both_flows(model, example, quantizer):
     return results
 
 
+GEN = torch.Generator().manual_seed(2)
+EXAMPLES = {"cnn": (torch.randn(2, 3, 16, 16, generator=GEN),), "mlp": (torch.randn(8, 16, generator=GEN),)}
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("make_model,example", [(CNN, (torch.randn(2, 3, 16, 16),)), (mlp, (torch.randn(8, 16),))], ids=["cnn", "mlp"])
+@pytest.mark.parametrize("make_model,example", [(CNN, EXAMPLES["cnn"]), (mlp, EXAMPLES["mlp"])], ids=["cnn", "mlp"])
 def test_torchao_quantizer_through_qcore_matches_torchao(make_model, example, per_channel):
     torch.manual_seed(0)
     model = make_model().eval()
