@@ -228,3 +228,57 @@ def test_fold_also_when_the_model_is_converted_in_train_mode():
     converted = qcore.convert_pt2e(prepared)  # never moved to eval
     assert calls(converted, aten.batch_norm.default) == []
     assert len(calls(converted, *QUANTIZE_OPS)) == 2 and len(calls(converted, *DEQUANTIZE_OPS)) == 3
+
+
+def _bias_scale(obs_or_fqs):
+    act, weight = obs_or_fqs
+    act_scale, _ = act.calculate_qparams()
+    weight_scale, _ = weight.calculate_qparams()
+    scale = (act_scale * weight_scale).to(torch.float32)
+    return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+
+class DerivedBiasQuantizer(ConvBnQuantizer):
+    """ConvBnQuantizer plus an int32 bias whose scale is input scale x weight scale."""
+
+    def annotate(self, model: GraphModule) -> GraphModule:
+        from qcore.annotation import ANNOTATION_KEY
+        from qcore.passes.conv_bn_patterns import conv_kinds
+
+        super().annotate(model)
+        for node in model.graph.nodes:
+            if node.op == "call_function" and node.target in conv_kinds() and len(node.args) > 2 and node.args[2] is not None:
+                node.meta[ANNOTATION_KEY].input_qspec_map[node.args[2]] = qcore.DerivedQuantizationSpec(
+                    derived_from=[(node.args[0], node), (node.args[1], node)],
+                    derive_qparams_fn=_bias_scale,
+                    dtype=torch.int32,
+                    quant_min=-(2**31),
+                    quant_max=2**31 - 1,
+                    qscheme=torch.per_channel_symmetric,
+                    ch_axis=0,
+                )
+        return model
+
+
+def test_quantized_bias_quantizes_the_folded_bias():
+    from qcore import observers
+
+    qat_quantizer, _ = minmax_configs()
+    model = ConvBn("conv2d", bias=True)
+    batches = calibration_batches("conv2d")
+    prepared = qcore.prepare_qat_pt2e(export(model, batches[0]), DerivedBiasQuantizer(qat_quantizer.config))
+    qcore.move_exported_model_to_eval(prepared)
+    prepared.apply(observers.disable_fake_quant)
+    for batch in batches:
+        prepared(batch)
+    prepared.apply(observers.enable_fake_quant)
+    prepared.apply(observers.disable_observer)
+    expected = prepared(batches[0])
+    converted = qcore.convert_pt2e(prepared, fold_quantize=False)
+    bias_dq = conv_node(converted).args[2]
+    assert bias_dq.target is qd.dequantize_per_channel.default and bias_dq.args[-1] == torch.int32
+    bias = _attr(converted, bias_dq.args[0].args[0].target)
+    bn = model.bn
+    sf = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    torch.testing.assert_close(bias, (model.conv.bias - bn.running_mean) * sf + bn.bias)
+    assert (converted(batches[0]) - expected).abs().max().item() <= output_scale(converted) * 1.001
