@@ -18,6 +18,7 @@ from qcore.errors import ConvertError, NotExportedError
 from qcore.graph_copy import copy_graph_module, remap_annotations
 from qcore.passes.convert_observers import convert_observers, is_obs_or_fq_node
 from qcore.passes.duplicate_dequantize import duplicate_dequantize
+from qcore.passes.fold_batch_norm import fold_batch_norm
 from qcore.passes.fold_conv_bn_qat import fold_conv_bn_qat
 from qcore.passes.fold_weight_quantize import fold_weight_quantize
 from qcore.passes.insert_observers import OBS_OR_FQ_CALLBACK_META, PREPARED_META
@@ -61,6 +62,8 @@ def _prepare(model: GraphModule, quantizer: Any, is_qat: bool, verb: str) -> Gra
     _check_exported(model, verb)
     _check_quantizer(quantizer)
     model, _ = copy_graph_module(model, recompile=False)  # insert_observers recompiles
+    if not is_qat:
+        fold_batch_norm(model)  # as the old flow did: PTQ annotates conv -> relu, BN folded in
     transform = getattr(quantizer, "transform_for_annotation", None)
     if callable(transform):
         model = transform(model)

@@ -1,0 +1,147 @@
+"""Fold inference-mode batch norm into the conv before it (post-training quantization).
+
+Before (an eval-mode export)::
+
+    x ──▶ conv(x, w, b) ──▶ batch_norm(·, bw, bb, rm, rv, False, momentum, eps) ──▶ y
+
+After::
+
+    x ──▶ conv(x, w', b') ──▶ y       w' = w·bw/sqrt(rv+eps),  b' = (b − rm)·bw/sqrt(rv+eps) + bb
+
+The old flow folded batch norm this way before annotating a model for PTQ, so annotators see
+``conv -> relu`` and the weight observer sees the weight the deployed kernel uses. Batch norms
+in training mode (a QAT graph, or a model exported in train mode) are left alone, and so are
+convs whose weight other ops also read. Runs on qcore's own copy of the user's model: the
+folded tensors are new, the user's are untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qcore.passes.conv_bn_patterns import (
+    batch_norm_kinds,
+    batch_norm_output,
+    conv_groups,
+    fold_weight_and_bias,
+    match_conv_bn,
+)
+
+aten = torch.ops.aten
+
+
+def _tensor(model: GraphModule, node: Any) -> Optional[torch.Tensor]:
+    if not isinstance(node, Node) or node.op != "get_attr":
+        return None
+    value: Any = model
+    for atom in node.target.split("."):
+        value = getattr(value, atom)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _is_training(bn: Node) -> bool:
+    if bn.target is aten._native_batch_norm_legit_no_training.default:
+        return False
+    flag = bn.args[5] if len(bn.args) > 5 else bn.kwargs.get("training", True)
+    return bool(flag)
+
+
+def _fresh_name(model: GraphModule, base: str) -> str:
+    name, index = base, 0
+    while hasattr(model, name):
+        index += 1
+        name = f"{base}_{index}"
+    return name
+
+
+def _fake_like(reference: Node, value: torch.Tensor) -> Any:
+    val = reference.meta.get("val")
+    mode = torch._guards.detect_fake_mode([val]) if isinstance(val, torch.Tensor) else None
+    return mode.from_tensor(value, static_shapes=True) if mode is not None else value.to("meta")
+
+
+def _drop_attr(model: GraphModule, target: str) -> None:
+    owner_path, _, name = target.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    owner._parameters.pop(name, None)
+    owner._buffers.pop(name, None)
+
+
+def fold_batch_norm(model: GraphModule) -> bool:
+    """Fold every foldable eval-mode conv -> batch_norm in place; returns True if any was."""
+    graph = model.graph
+    readers: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            readers[node.target] = readers.get(node.target, 0) + 1
+    changed = False
+    for bn in list(graph.nodes):
+        match = match_conv_bn(bn)
+        if match is None or _is_training(bn):
+            continue
+        out = batch_norm_output(bn)
+        conv, args = match.conv, match.bn_args
+        weight_node = conv.args[1]
+        bias_node = conv.args[2] if len(conv.args) > 2 else None
+        weight = _tensor(model, weight_node)
+        bias = _tensor(model, bias_node)
+        running_mean, running_var = _tensor(model, args.running_mean), _tensor(model, args.running_var)
+        if (
+            out is None
+            or weight is None
+            or running_mean is None
+            or running_var is None
+            or (bias_node is not None and bias is None)
+            or readers.get(weight_node.target, 0) != 1
+            or len(weight_node.users) != 1
+        ):
+            continue
+        folded_weight, folded_bias = fold_weight_and_bias(
+            weight,
+            bias,
+            _tensor(model, args.weight),
+            _tensor(model, args.bias),
+            running_mean,
+            running_var,
+            args.eps,
+            match.kind.transposed,
+            conv_groups(conv),
+        )
+        weight_name = _fresh_name(model, weight_node.target.replace(".", "_") + "_bn_folded")
+        bias_name = _fresh_name(model, weight_node.target.replace(".", "_") + "_bn_folded_bias")
+        model.register_parameter(weight_name, torch.nn.Parameter(folded_weight, requires_grad=weight.requires_grad))
+        model.register_parameter(bias_name, torch.nn.Parameter(folded_bias, requires_grad=weight.requires_grad))
+        with graph.inserting_before(conv):
+            new_weight = graph.get_attr(weight_name)
+            new_bias = graph.get_attr(bias_name)
+        new_weight.meta["val"] = _fake_like(weight_node, folded_weight)
+        new_bias.meta["val"] = _fake_like(weight_node, folded_bias)
+        conv_args = list(conv.args)
+        conv_args[1] = new_weight
+        if len(conv_args) > 2:
+            conv_args[2] = new_bias
+        else:
+            conv_args.append(new_bias)
+        conv.args = tuple(conv_args)
+        out.replace_all_uses_with(conv)
+        if "val" in out.meta:
+            conv.meta["val"] = out.meta["val"]
+        for dead in ([out] if out is not bn else []) + [bn]:
+            if not dead.users:
+                graph.erase_node(dead)
+        for old in (weight_node, bias_node, args.weight, args.bias, args.running_mean, args.running_var):
+            if isinstance(old, Node) and old.op == "get_attr" and not old.users:
+                graph.erase_node(old)
+                readers[old.target] -= 1
+                if readers[old.target] == 0:
+                    _drop_attr(model, old.target)
+        changed = True
+    if changed:
+        graph.lint()
+    return changed
+
+
+__all__ = ["fold_batch_norm", "batch_norm_kinds"]
