@@ -32,6 +32,7 @@ from qcore.pipeline import (
     prepare_qat_pt2e,
 )
 from qcore.plugin_manager import get_plugin_manager
+from qcore.quantize import load, quantize
 
 __all__ = [
     "__version__",
@@ -57,4 +58,6 @@ __all__ = [
     "move_exported_model_to_train",
     "lower",
     "get_plugin_manager",
+    "quantize",
+    "load",
 ]

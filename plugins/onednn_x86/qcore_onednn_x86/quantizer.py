@@ -24,3 +24,10 @@ class X86InductorQuantizer(qcore.BackendQuantizer):
     """
 
     backend: ClassVar[str] = "onednn"
+
+    @classmethod
+    def default_config(cls, is_qat: bool = False) -> "qcore.QuantizationConfig":
+        """The backend's default config (what ``qcore.quantize`` uses when given none)."""
+        from qcore_onednn_x86.config import get_default_x86_inductor_quantization_config
+
+        return get_default_x86_inductor_quantization_config(is_qat=is_qat)

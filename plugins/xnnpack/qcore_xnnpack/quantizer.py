@@ -110,6 +110,13 @@ class XNNPACKQuantizer(qcore.BackendQuantizer):
         """XNNPACK accepts every annotation this recipe makes: nothing to check."""
 
     @classmethod
+    def default_config(cls, is_qat: bool = False) -> QuantizationConfig:
+        """The backend's default config (what ``qcore.quantize`` uses when given none)."""
+        from qcore_xnnpack.config import get_symmetric_quantization_config
+
+        return get_symmetric_quantization_config(is_per_channel=True, is_qat=is_qat)
+
+    @classmethod
     def get_supported_quantization_configs(cls) -> list[QuantizationConfig]:
         """The distinct configs of ``supported_config_and_operators`` (4)."""
         configs: list[QuantizationConfig] = []

@@ -1,0 +1,314 @@
+"""What quantization did to a model, node by node: ``build_report`` and ``QuantizationReport``.
+
+For every compute node of the float program the report says whether it runs on int8 inputs
+after ``convert_pt2e`` or stays float, and why; for each quantized node the SQNR of its output
+against the same node of the float program (the converted graph keeps the exported node
+names, so nodes pair by name); the model-level SQNR; float vs quantized latency; and, when the
+model was lowered, which kernels it runs (integer kernels vs float ops). ``write(directory)``
+writes ``report.md`` and ``sqnr.png`` (a bar chart of per-node SQNR, matplotlib's Agg backend).
+
+>>> import torch, qcore
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Sigmoid()).eval()
+>>> result = qcore.quantize(model, (torch.randn(2, 4),), backend="onednn", measure_latency=False)
+>>> [(n.name, n.quantized) for n in result.report.nodes]
+[('linear', True), ('sigmoid', False)]
+>>> result.report.nodes[1].reason
+'no onednn annotator handles aten.sigmoid'
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import attrs
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+from qcore.annotation import ANNOTATION_KEY
+from qcore.coverage import QUANTIZABLE_OPS
+from qcore.passes.qdq_ops import is_dequantize, is_quantize
+
+__all__ = ["NodeReport", "KernelCount", "QuantizationReport", "build_report", "sqnr_db", "time_model"]
+
+INTEGER_KERNEL_NAMESPACES = ("onednn", "quantized", "qcore_onednn")
+_SKIPPED_TARGETS = ("getitem",)
+
+
+def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``actual`` against ``reference``, in dB (inf if equal)."""
+    reference = reference.detach().double().flatten()
+    noise = (reference - actual.detach().double().flatten()).pow(2).mean()
+    signal = reference.pow(2).mean()
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return float(10 * torch.log10(signal / noise))
+
+
+@attrs.frozen
+class NodeReport:
+    """One compute node of the float program: ``quantized`` (runs on int8 inputs) or float, why, and its SQNR."""
+
+    name: str
+    op: str
+    quantized: bool
+    reason: str
+    sqnr_db: Optional[float] = None
+
+
+@attrs.frozen
+class KernelCount:
+    """One kind of op in the lowered program: ``kind`` is "integer kernel", "q/dq" or "float"."""
+
+    op: str
+    kind: str
+    count: int
+
+
+@attrs.define
+class QuantizationReport:
+    """The report; see the module docstring. ``accuracy`` is ``{"float": x, "quantized": y}`` when given."""
+
+    backend: str
+    nodes: list
+    model_sqnr_db: Optional[float]
+    kernels: list = attrs.field(factory=list)
+    lowering_counters: dict = attrs.field(factory=dict)
+    latency_ms: dict = attrs.field(factory=dict)
+    accuracy: dict = attrs.field(factory=dict)
+    title: str = "qcore quantization report"
+
+    @property
+    def speedup(self) -> Optional[float]:
+        float_ms, quantized_ms = self.latency_ms.get("float"), self.latency_ms.get("quantized")
+        if not float_ms or not quantized_ms:
+            return None
+        return float_ms / quantized_ms
+
+    def explain(self) -> str:
+        """Plain text: which ops run as integer kernels and which stay float, and why."""
+        lines = [f"backend {self.backend}:"]
+        integer = [k for k in self.kernels if k.kind == "integer kernel"]
+        floats = [k for k in self.kernels if k.kind == "float"]
+        if self.kernels:
+            lines.append("  integer kernels: " + (", ".join(f"{k.op} x{k.count}" for k in integer) or "none"))
+            lines.append("  float ops: " + (", ".join(f"{k.op} x{k.count}" for k in floats) or "none"))
+        for node in self.nodes:
+            state = "int8" if node.quantized else "float"
+            lines.append(f"  {node.name} ({node.op}): {state}: {node.reason}")
+        return "\n".join(lines)
+
+    def to_markdown(self, chart: Optional[str] = None) -> str:
+        lines = [f"# {self.title}", "", f"Backend: `{self.backend}`", ""]
+        lines += ["## Summary", "", "| measure | float | quantized |", "| --- | --- | --- |"]
+        if self.accuracy:
+            lines.append(f"| accuracy | {self.accuracy['float']:.2%} | {self.accuracy['quantized']:.2%} |")
+        if self.latency_ms:
+            lines.append(f"| latency (ms per batch) | {self.latency_ms['float']:.3f} | {self.latency_ms['quantized']:.3f} |")
+        lines.append("")
+        if self.model_sqnr_db is not None:
+            lines.append(f"Model output SQNR vs float: {_db(self.model_sqnr_db)}")
+        if self.speedup is not None:
+            lines.append(f"Speedup (float / quantized latency): {self.speedup:.2f}x")
+        quantized = sum(1 for n in self.nodes if n.quantized)
+        lines += ["", f"{quantized} of {len(self.nodes)} compute nodes run on int8 inputs.", ""]
+        lines += ["## Nodes", "", "| node | op | quantized | reason | SQNR (dB) |", "| --- | --- | --- | --- | --- |"]
+        for node in self.nodes:
+            sqnr = _db(node.sqnr_db) if node.sqnr_db is not None else "-"
+            lines.append(f"| {node.name} | {node.op} | {'int8' if node.quantized else 'float'} | {node.reason} | {sqnr} |")
+        if chart:
+            lines += ["", f"![per-node SQNR]({chart})"]
+        if self.kernels:
+            lines += ["", "## Kernels after lowering", "", "| op | runs as | count |", "| --- | --- | --- |"]
+            for kernel in self.kernels:
+                lines.append(f"| `{kernel.op}` | {kernel.kind} | {kernel.count} |")
+        if self.lowering_counters:
+            lines += ["", "Lowering pattern matches: " + ", ".join(
+                f"{k.replace('_matcher_count', '')} {v}" for k, v in sorted(self.lowering_counters.items())
+                if k.endswith("_matcher_count"))]
+        return "\n".join(lines) + "\n"
+
+    def write(self, directory: "str | os.PathLike") -> str:
+        """Write ``report.md`` and ``sqnr.png`` into ``directory`` (created); returns the report's path."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        chart = self.write_chart(os.path.join(directory, "sqnr.png"))
+        path = os.path.join(directory, "report.md")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_markdown(chart=os.path.basename(chart) if chart else None))
+        return path
+
+    def write_chart(self, path: str) -> Optional[str]:
+        """A PNG bar chart of the quantized nodes' SQNR; None if matplotlib is missing."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        rows = [(n.name, n.sqnr_db) for n in self.nodes if n.sqnr_db is not None and math.isfinite(n.sqnr_db)]
+        figure, axes = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 2), 3.5))
+        axes.bar([name for name, _ in rows], [value for _, value in rows], color="tab:blue")
+        axes.set_ylabel("SQNR vs float (dB)")
+        axes.set_title(f"Per-node SQNR ({self.backend})")
+        axes.tick_params(axis="x", rotation=45)
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        return path
+
+
+def _db(value: float) -> str:
+    return "inf" if math.isinf(value) and value > 0 else f"{value:.1f} dB"
+
+
+# --------------------------------------------------------------------------- building
+class _Recorder(Interpreter):
+    """Runs a GraphModule and keeps every node's tensor output by node name."""
+
+    def __init__(self, module: GraphModule) -> None:
+        super().__init__(module)
+        self.outputs: dict[str, Any] = {}
+
+    def run_node(self, n: Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            self.outputs[n.name] = result.detach()
+        return result
+
+
+def _record(module: GraphModule, inputs: tuple) -> tuple[Any, dict]:
+    recorder = _Recorder(module)
+    with torch.no_grad():
+        result = recorder.run(*inputs)
+    return result, recorder.outputs
+
+
+def _op_name(node: Node) -> str:
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._schema.name.split('::')[-1]}"
+    return name
+
+
+def _is_compute(node: Node) -> bool:
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    return not (is_quantize(node) or is_dequantize(node)) and node.target.namespace == "aten"
+
+
+def _float_reason(node: Node, converted_node: Optional[Node], float_node: Node, backend: str) -> str:
+    if converted_node is not None:
+        producers = [a for a in converted_node.all_input_nodes if _is_compute(a)]
+        if producers and any(is_quantize(user) for user in converted_node.users) and any(
+            any(is_dequantize(i) for i in p.all_input_nodes) for p in producers
+        ):
+            return f"fused into the int8 partition of {producers[0].name} (output quantized after it)"
+    annotation = float_node.meta.get(ANNOTATION_KEY)
+    if float_node.target in QUANTIZABLE_OPS:
+        return f"quantizable, but no {backend} pattern matched here (scope set to None or unsupported form)"
+    if annotation is not None:
+        return "annotated, but its inputs stay float"
+    return f"no {backend} annotator handles {_op_name(float_node)}"
+
+
+def classify_nodes(exported: GraphModule, converted: GraphModule, backend: str) -> list[NodeReport]:
+    """One NodeReport per aten compute node of ``exported`` (no SQNR yet)."""
+    by_name = {node.name: node for node in converted.graph.nodes}
+    reports = []
+    for node in exported.graph.nodes:
+        if not _is_compute(node):
+            continue
+        twin = by_name.get(node.name)
+        if twin is None:
+            reports.append(NodeReport(node.name, _op_name(node), False, "folded away by convert (e.g. batch norm into conv)"))
+            continue
+        dequantized = [a.name for a in twin.all_input_nodes if is_dequantize(a)]
+        if dequantized:
+            reports.append(NodeReport(node.name, _op_name(node), True, f"int8 inputs ({len(dequantized)} dequantized)"))
+        else:
+            reports.append(NodeReport(node.name, _op_name(node), False, _float_reason(node, twin, node, backend)))
+    return reports
+
+
+def count_kernels(lowered: GraphModule, inputs: tuple) -> list[KernelCount]:
+    """The ops of ``lowered`` by kind: integer kernels (oneDNN/quantized ops, aten ops on int8 data), q/dq, float."""
+    _, outputs = _record(lowered, inputs)
+    counts: dict[tuple[str, str], int] = {}
+    for node in lowered.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "__name__", "") in _SKIPPED_TARGETS:
+            continue
+        op = _op_name(node)
+        namespace = getattr(node.target, "namespace", "")
+        if namespace in INTEGER_KERNEL_NAMESPACES:
+            kind = "integer kernel"
+        elif namespace == "quantized_decomposed":
+            kind = "q/dq"
+        else:
+            value = outputs.get(node.name)
+            integer = isinstance(value, torch.Tensor) and not value.is_floating_point()
+            kind = "integer kernel" if integer else "float"
+        counts[(op, kind)] = counts.get((op, kind), 0) + 1
+    order = {"integer kernel": 0, "q/dq": 1, "float": 2}
+    return [KernelCount(op, kind, n) for (op, kind), n in sorted(counts.items(), key=lambda item: (order[item[0][1]], item[0][0]))]
+
+
+def time_model(fn: Callable[..., Any], inputs: tuple, budget_s: float = 0.5, min_runs: int = 5) -> float:
+    """Median milliseconds per call of ``fn(*inputs)`` (no grad), within about ``budget_s`` seconds."""
+    times = []
+    with torch.no_grad():
+        fn(*inputs)  # warm up
+        start = time.perf_counter()
+        while len(times) < min_runs or (time.perf_counter() - start < budget_s and len(times) < 1000):
+            t0 = time.perf_counter()
+            fn(*inputs)
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return 1000 * times[len(times) // 2]
+
+
+def _first_tensor(value: Any) -> Optional[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value:
+        return _first_tensor(value[0])
+    return None
+
+
+def build_report(
+    exported: GraphModule,
+    converted: GraphModule,
+    lowered: Optional[GraphModule],
+    backend: str,
+    sample_inputs: tuple,
+    measure_latency: bool = True,
+) -> QuantizationReport:
+    """Compare ``converted`` (and ``lowered``) with the float ``exported`` program on ``sample_inputs``."""
+    nodes = classify_nodes(exported, converted, backend)
+    float_result, float_outputs = _record(exported, sample_inputs)
+    quant_result, quant_outputs = _record(converted, sample_inputs)
+    with_sqnr = []
+    for node in nodes:
+        reference, actual = float_outputs.get(node.name), quant_outputs.get(node.name)
+        value = None
+        if node.quantized and reference is not None and actual is not None and reference.shape == actual.shape and reference.is_floating_point():
+            value = sqnr_db(reference, actual)
+        with_sqnr.append(attrs.evolve(node, sqnr_db=value))
+    reference, actual = _first_tensor(float_result), _first_tensor(quant_result)
+    model_sqnr = sqnr_db(reference, actual) if reference is not None and actual is not None else None
+    report = QuantizationReport(backend=backend, nodes=with_sqnr, model_sqnr_db=model_sqnr)
+    if lowered is not None:
+        report.kernels = count_kernels(lowered, sample_inputs)
+        report.lowering_counters = dict(lowered.meta.get("qcore_lowered", {}).get("counters", {}))
+    if measure_latency:
+        report.latency_ms = {
+            "float": time_model(exported, sample_inputs),
+            "quantized": time_model(lowered if lowered is not None else converted, sample_inputs),
+        }
+    return report

@@ -1,0 +1,201 @@
+"""``qcore.quantize`` / ``save`` / ``load``: the one-call flow, its errors, atomic saving, dynamic batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import qcore
+from qcore.errors import UnknownBackendError
+from qcore.quantize import CalibrationShapeError, ExportFailedError, QuantizeError
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(2)
+        self.fc = torch.nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+class Branchy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow: torch.export refuses it
+            return self.fc(x)
+        return x
+
+
+def batches(n: int = 4, batch: int = 4) -> list:
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch, 1, 8, 8, generator=generator),) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def cnn_result():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    return model, qcore.quantize(model, batches(1)[0], backend="onednn", calibration=batches(), measure_latency=False)
+
+
+def test_quantize_onednn_lowers_to_integer_kernels(cnn_result):
+    model, result = cnn_result
+    x = batches(1)[0]
+    kinds = {k.op: k.kind for k in result.report.kernels}
+    assert kinds["onednn.qconv2d_pointwise"] == "integer kernel"
+    assert kinds["onednn.qlinear_pointwise"] == "integer kernel"
+    with torch.no_grad():
+        assert qcore.report.sqnr_db(model(*x), result.lowered(*x)) > 20
+        assert qcore.report.sqnr_db(result.converted(*x), result.lowered(*x)) > 30
+    quantized = {n.name for n in result.report.nodes if n.quantized}
+    assert {"conv2d", "linear", "max_pool2d"} <= quantized
+    relu = next(n for n in result.report.nodes if n.name == "relu")
+    assert not relu.quantized and "fused into the int8 partition of conv2d" in relu.reason
+    assert all(n.sqnr_db is not None and n.sqnr_db > 15 for n in result.report.nodes if n.quantized)
+    assert result.report.model_sqnr_db > 20
+
+
+def test_quantize_does_not_change_the_model():
+    model = SmallCNN().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qcore.quantize(model, batches(1)[0], calibration=batches(2), measure_latency=False)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_quantize_xnnpack_uses_its_per_channel_default_config():
+    model = SmallCNN().eval()
+    result = qcore.quantize(model, batches(1)[0], backend="xnnpack", calibration=batches(2), measure_latency=False, lower=False)
+    targets = [str(n.target) for n in result.converted.graph.nodes]
+    assert "quantized_decomposed.dequantize_per_channel.default" in targets
+    assert result.lowered is None and result.model is result.converted
+
+
+def test_quantize_qat_runs_and_converts():
+    model = SmallCNN()
+    result = qcore.quantize(model, batches(1)[0], backend="onednn", calibration=batches(2), qat=True, measure_latency=False)
+    assert result.lowered(*batches(1)[0]).shape == (4, 10)
+
+
+def test_unknown_backend_lists_installed():
+    with pytest.raises(UnknownBackendError, match=r"unknown backend 'tpu'; installed backends: .*onednn.*xnnpack"):
+        qcore.quantize(SmallCNN(), batches(1)[0], backend="tpu")
+
+
+def test_wrong_calibration_shape_names_expected_and_got():
+    wrong = [(torch.randn(4, 1, 8, 8),), (torch.randn(4, 64),)]
+    with pytest.raises(CalibrationShapeError, match=r"batch 1, input 0: expected shape \(4, 1, 8, 8\) .*got \(4, 64\)"):
+        qcore.quantize(SmallCNN().eval(), batches(1)[0], calibration=wrong)
+
+
+def test_wrong_batch_size_suggests_dynamic_shapes():
+    with pytest.raises(CalibrationShapeError, match="got \\(2, 1, 8, 8\\); make the batch dimension dynamic"):
+        qcore.quantize(SmallCNN().eval(), batches(1)[0], calibration=batches(1, batch=2))
+
+
+def test_calibration_batches_may_carry_labels():
+    labelled = [(x, torch.zeros(4, dtype=torch.long)) for (x,) in batches(2)]
+    result = qcore.quantize(SmallCNN().eval(), batches(1)[0], calibration=labelled, measure_latency=False)
+    assert any(n.quantized for n in result.report.nodes)
+
+
+def test_export_failure_explains_error_line_and_hint():
+    with pytest.raises(ExportFailedError) as info:
+        qcore.quantize(Branchy(), (torch.randn(2, 4),))
+    message = str(info.value)
+    assert message.startswith("torch.export could not capture Branchy: ")
+    assert "test_quantize.py" in message and "x.sum() > 0" in message
+    assert "hint:" in message and "torch.cond" in message
+
+
+def test_save_load_roundtrip_in_a_new_process(cnn_result, tmp_path):
+    _, result = cnn_result
+    path = tmp_path / "model.pt2"
+    result.save(path)
+    assert os.listdir(tmp_path) == ["model.pt2"]
+    x = batches(1)[0][0]
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(result.lowered(x), tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch, qcore
+        converted = qcore.load({str(path)!r})
+        assert converted.meta["qcore_backend"] == "onednn"
+        x = torch.load({str(tmp_path / 'x.pt')!r})
+        lowered = qcore.lower(converted, backend="onednn", example_inputs=(x,))
+        with torch.no_grad():
+            assert torch.equal(lowered(x), torch.load({str(tmp_path / 'expected.pt')!r})), "outputs differ"
+        print("identical")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "identical" in done.stdout
+
+
+def test_save_to_unwritable_path_is_a_clear_error_and_leaves_nothing(cnn_result, tmp_path):
+    _, result = cnn_result
+    with pytest.raises(QuantizeError, match="cannot write .*does not exist"):
+        result.save(tmp_path / "missing" / "model.pt2")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: use a path under a file instead
+            with pytest.raises(QuantizeError, match="cannot write"):
+                result.save(tmp_path / "x.pt2" / "model.pt2")
+        else:
+            with pytest.raises(QuantizeError, match="cannot write"):
+                result.save(locked / "model.pt2")
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o700)
+
+
+def test_save_failure_midway_leaves_no_file(cnn_result, tmp_path, monkeypatch):
+    _, result = cnn_result
+
+    def fail(*args, **kwargs):
+        with open(args[1], "wb") as handle:
+            handle.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.export, "save", fail)
+    with pytest.raises(QuantizeError, match="No space left"):
+        result.save(tmp_path / "model.pt2")
+    assert os.listdir(tmp_path) == []
+
+
+def test_dynamic_batch_through_quantize_save_load_and_lower(tmp_path):
+    batch = torch.export.Dim("batch", min=1, max=256)
+    model = SmallCNN().eval()
+    calibration = [(torch.randn(n, 1, 8, 8),) for n in (3, 5, 8)]
+    result = qcore.quantize(model, batches(1)[0], calibration=calibration, dynamic_shapes=({0: batch},), measure_latency=False)
+    for n in (1, 7):
+        x = torch.randn(n, 1, 8, 8)
+        assert result.lowered(x).shape == (n, 10)
+    result.save(tmp_path / "dyn.pt2")
+    loaded = qcore.load(tmp_path / "dyn.pt2")
+    lowered = qcore.lower(loaded, backend="onednn", example_inputs=batches(1)[0])
+    for n in (1, 7):
+        x = torch.randn(n, 1, 8, 8)
+        with torch.no_grad():
+            assert torch.equal(lowered(x), result.lowered(x))
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(QuantizeError, match="cannot load .*no such file"):
+        qcore.load(tmp_path / "nope.pt2")
