@@ -49,6 +49,9 @@ _FIRST_BATCH = 8
 _MAX_BATCH = 256
 #: torch reduces tensors smaller than its grain size (32768 elements) on one thread.
 _SUM_GRAIN = 32767
+#: Inputs up to this size are counted with numpy (torch's elementwise kernels stay on one thread
+#: below 32768 elements; torch.histc already splits above 200).
+_HOST_COUNT_LIMIT = 32768
 
 
 def _to_float32(value: float) -> float:
@@ -70,6 +73,32 @@ def _quantile_steps() -> tuple[list[float], list[float]]:
     steps[0] = 1.0
     betas = np.subtract.accumulate(steps).tolist()
     return alphas, betas
+
+
+def _all_float32_on_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
+def _histc(values: np.ndarray, bins: int, low: float, high: float) -> np.ndarray:
+    """``torch.histc(values, bins, min=low, max=high)`` for a float32 array, the same counts.
+
+    torch.histc's rules: when ``low == high`` the range is the data's own, widened by 1 on each
+    side if still empty; values outside ``[low, high]`` are not counted; a value goes to bin
+    ``int((value - low) * bins / (high - low))`` computed in float32, the last bin including
+    ``high``.
+    """
+    if low == high and values.size:
+        low, high = float(values.min()), float(values.max())
+    if low == high:
+        low, high = low - 1, high + 1
+    left, right = np.float32(low), np.float32(high)
+    if values.size and not (values.min() >= left and values.max() <= right):
+        values = values[(values >= left) & (values <= right)]
+    with np.errstate(all="ignore"):
+        position = ((values - left) * np.float32(bins)) / (right - left)
+    index = position.astype(np.int64)
+    index[index == bins] = bins - 1
+    return np.bincount(index, minlength=bins).astype(np.float32)
 
 
 def _candidate_ranges(cum: np.ndarray, total: float) -> Iterator[tuple[int, int]]:
@@ -302,6 +331,9 @@ class HistogramObserver(ObserverBase):
         if x_orig.numel() == 0:
             return x_orig
         x = x_orig.detach()
+        if self._counts_on_host(x):
+            self._observe_small(x)
+            return x_orig
         x_min, x_max = torch.aminmax(x)
         self._check_finite(x_min, x_max)
         current_min, current_max = self.min_val, self.max_val
@@ -322,6 +354,50 @@ class HistogramObserver(ObserverBase):
         self.max_val.copy_(new_max)
         return x_orig
 
+    def _counts_on_host(self, x: torch.Tensor) -> bool:
+        """True when ``x`` is a small float32 CPU tensor and the buffers are float32 on the CPU."""
+        return (
+            x.numel() <= _HOST_COUNT_LIMIT
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and self.histogram.dtype == torch.float32
+            and self.histogram.device.type == "cpu"
+            and self.min_val.dtype == torch.float32
+            and self.min_val.device.type == "cpu"
+        )
+
+    def _observe_small(self, x: torch.Tensor) -> None:
+        """:meth:`forward` for a small float32 CPU input: the same steps on Python floats and
+        numpy arrays (``torch.histc`` hands anything above 200 elements to torch's thread pool,
+        which costs far more than the counting). Same histogram, bit for bit.
+        """
+        x_min_t, x_max_t = torch.aminmax(x)
+        x_min, x_max = x_min_t.item(), x_max_t.item()
+        if not (math.isfinite(x_min) and math.isfinite(x_max)):
+            self._raise_non_finite(x_min_t, x_max_t)
+        values = x.reshape(-1).numpy()
+        current_min, current_max = self.min_val.item(), self.max_val.item()
+        if current_min == math.inf or current_max == -math.inf:
+            self.min_val.fill_(x_min)
+            self.max_val.fill_(x_max)
+            self.histogram.copy_(torch.from_numpy(_histc(values, self.bins, x_min, x_max)))
+            return
+        # torch.min / torch.max of two one-element tensors keep the first one on a tie, as
+        # Python's min and max do
+        new_min, new_max = min(current_min, x_min), max(current_max, x_max)
+        update = torch.from_numpy(_histc(values, self.bins, new_min, new_max))
+        if new_min == current_min and new_max == current_max:
+            self.histogram.add_(update)
+            return
+        new_min_t = torch.tensor(new_min, dtype=torch.float32)
+        new_max_t = torch.tensor(new_max, dtype=torch.float32)
+        combined = self._combine_histograms(
+            self.histogram, self.min_val, self.max_val, update, new_min_t, new_max_t
+        )
+        self.histogram.copy_(combined)
+        self.min_val.fill_(new_min)
+        self.max_val.fill_(new_max)
+
     def _reset_histogram(self, x: torch.Tensor, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
         self.min_val.copy_(min_val)
         self.max_val.copy_(max_val)
@@ -341,18 +417,22 @@ class HistogramObserver(ObserverBase):
         contains their mid point.
         """
         fine_bins = self.bins * self.upsample_rate
-        histogram = histogram.repeat_interleave(self.upsample_rate) / self.upsample_rate
         fine_width = (orig_max - orig_min) / fine_bins
-        mid_points = (
-            torch.linspace(orig_min, orig_max, fine_bins + 1, device=orig_min.device)[:-1].to(
-                histogram.device
+        fine_edges = torch.linspace(orig_min, orig_max, fine_bins + 1, device=orig_min.device)[:-1]
+        boundaries = torch.linspace(update_min, update_max, self.bins + 1, device=update_min.device)
+        if _all_float32_on_cpu(histogram, fine_edges, boundaries, fine_width):
+            # the same float32 arithmetic and binary search in numpy: torch would hand each of
+            # these 32768-element operations to its thread pool
+            fine_counts = torch.from_numpy(
+                np.repeat(histogram.numpy(), self.upsample_rate) / np.float32(self.upsample_rate)
             )
-            + 0.5 * fine_width
-        )
-        boundaries = torch.linspace(update_min, update_max, self.bins + 1, device=update_min.device).to(
-            histogram.device
-        )
-        assignment = torch.bucketize(mid_points, boundaries, right=True) - 1
+            mid_points = fine_edges.numpy() + np.float32(0.5) * fine_width.numpy()
+            assignment = np.searchsorted(boundaries.numpy(), mid_points, side="right") - 1
+            np.clip(assignment, 0, self.bins - 1, out=assignment)
+            return torch.bincount(torch.from_numpy(assignment), weights=fine_counts, minlength=self.bins)
+        histogram = histogram.repeat_interleave(self.upsample_rate) / self.upsample_rate
+        mid_points = fine_edges.to(histogram.device) + 0.5 * fine_width
+        assignment = torch.bucketize(mid_points, boundaries.to(histogram.device), right=True) - 1
         assignment[assignment >= self.bins] = self.bins - 1
         assignment[assignment < 0] = 0
         return torch.bincount(assignment, weights=histogram, minlength=self.bins)
