@@ -83,3 +83,34 @@ def test_lowering_needs_example_inputs():
     converted = quantize(ConvNet(), X, quantizer())
     with pytest.raises(ValueError, match="example_inputs"):
         lower_to_executorch(converted, None)
+
+
+# ----------------------------------------------------------------------------- the issue's models
+from _parity_models import _model  # noqa: E402
+
+from qcore.testing.conformance import sqnr_db  # noqa: E402
+
+
+def _is_quantized_op(name: str) -> bool:
+    return name.startswith("quantized_decomposed.")
+
+
+@pytest.mark.parametrize("name", ["cnn", "cnn_bn", "mlp", "gru", "catmul"])
+@pytest.mark.parametrize("kind", ["static", "per_channel"])
+def test_issue_models_run_on_executorch_with_every_quantized_op_delegated(name, kind, tmp_path):
+    """CNN (BN folded by prepare), MLP, GRU and cat+mul: a .pte that ExecuTorch's runtime runs
+    here, every quantize/dequantize inside the XNNPACK delegate, SQNR vs float >= 25 dB."""
+    model, example = _model(name)
+    model = model.eval()
+    converted = quantize(model, example, quantizer(kind), batches=4)
+    program = lower_to_executorch(converted, example)
+    assert program.delegates >= 1
+    leftover_quantized = {op: n for op, n in program.not_delegated_ops.items() if _is_quantized_op(op)}
+    assert not leftover_quantized, leftover_quantized
+    path = tmp_path / f"{name}.pte"
+    program.save(path)
+    outputs = [_run_pte(path.read_bytes(), example)]
+    with torch.no_grad():
+        reference = model(*example)
+    reference = reference[0] if isinstance(reference, tuple) else reference
+    assert sqnr_db(reference, outputs[0]) >= 25, (name, kind, sqnr_db(reference, outputs[0]))
