@@ -24,6 +24,7 @@ from qcore.spec import (
 )
 from qcore.quantizer import BackendQuantizer, ComposableQuantizer, Quantizer
 from qcore.pipeline import (
+    compile,
     convert_pt2e,
     lower,
     move_exported_model_to_eval,
@@ -57,6 +58,7 @@ __all__ = [
     "move_exported_model_to_eval",
     "move_exported_model_to_train",
     "lower",
+    "compile",
     "get_plugin_manager",
     "quantize",
     "load",

@@ -209,3 +209,72 @@ def lower(model: GraphModule, backend: str, example_inputs: Optional[tuple] = No
             model.recompile()
     model.meta["qcore_lowered"] = {"backend": backend, "passes": list(context.applied), "counters": dict(context.counters)}
     return model
+
+
+class CompiledModel(torch.nn.Module):
+    """What ``qcore.compile`` returns: the lowered model and its ``torch.compile`` wrapper.
+
+    Each call runs without autograd and with the backend's Inductor settings set for the
+    duration of the call only (Dynamo and Inductor read them when they (re)compile); the
+    previous global values are put back after every call.
+    """
+
+    def __init__(self, lowered: GraphModule, compiled: Any, settings: dict) -> None:
+        super().__init__()
+        self.lowered = lowered
+        self.settings = dict(settings)
+        object.__setattr__(self, "compiled", compiled)  # not a second registration of `lowered`
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from torch._inductor import config as inductor_config
+
+        previous = {key: getattr(inductor_config, key) for key in self.settings}
+        grad_was_enabled = torch.is_grad_enabled()
+        try:
+            for key, value in self.settings.items():
+                setattr(inductor_config, key, value)
+            torch.set_grad_enabled(False)
+            return self.compiled(*args, **kwargs)
+        finally:
+            torch.set_grad_enabled(grad_was_enabled)
+            for key, value in previous.items():
+                setattr(inductor_config, key, value)
+
+
+def compile(
+    model: GraphModule,
+    backend: str,
+    example_inputs: Optional[tuple] = None,
+    options: Optional[dict] = None,
+    **compile_kwargs: Any,
+) -> CompiledModel:
+    """Lower a converted q/dq model with ``backend``'s passes (``qcore.lower``), then compile the
+    lowered model with ``torch.compile``; returns a ``CompiledModel`` for inference.
+
+    The backend's ``compile_options`` (Inductor settings, e.g. oneDNN's ``freezing``), updated
+    by ``options``, apply to this model's calls only: global Inductor settings and a user's
+    custom Inductor passes are left as they are, and qcore registers nothing in Inductor, so
+    calling ``compile`` again is safe. ``compile_kwargs`` go to ``torch.compile`` (``mode``,
+    ``dynamic``, ...). With ``example_inputs`` the model is compiled now, on copies of them.
+
+    >>> import qcore
+    >>> qcore.compile(None, backend="no-such-backend")
+    Traceback (most recent call last):
+    ...
+    qcore.errors.UnknownBackendError: unknown backend 'no-such-backend'; installed backends: ...
+    """
+    record = get_plugin_manager().get_backend(backend)
+    from torch._inductor import config as inductor_config
+
+    settings = {**record.compile_options, **(options or {})}
+    unknown = sorted(key for key in settings if not hasattr(inductor_config, key))
+    if unknown:
+        raise ValueError(
+            f"qcore.compile: unknown Inductor settings {unknown} (from backend {backend!r}'s "
+            f"compile_options or options=); allowed: names in torch._inductor.config, e.g. 'freezing'"
+        )
+    lowered = lower(model, backend, example_inputs)
+    compiled = CompiledModel(lowered, torch.compile(lowered, **compile_kwargs), settings)
+    if example_inputs is not None:
+        compiled(*[t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs])
+    return compiled

@@ -38,6 +38,8 @@ class Backend:
 
     ``is_available()`` returns None when the backend can run here, or a sentence saying why not
     (missing kernels, a missing optional package). ``distribution`` is filled in by qcore.
+    ``compile_options`` are the Inductor settings ``qcore.compile`` applies to this backend's
+    compiled models only (e.g. ``{"freezing": True}``); empty by default.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -46,6 +48,7 @@ class Backend:
     is_available: Callable[[], Optional[str]] = attrs.field(default=_always_available, validator=_check_callable)
     plugin: str = ""
     distribution: str = ""
+    compile_options: dict = attrs.field(factory=dict, converter=dict, hash=False)
 
 
 ALL_BACKENDS = "*"

@@ -16,6 +16,8 @@ def qcore_register_backends() -> list:
             quantizer_class=X86InductorQuantizer,
             description="x86 int8 (uint8 activations, int8 per-channel weights) lowered to oneDNN kernels",
             is_available=onednn_unavailable_reason,
+            # oneDNN's packed weights must be graph constants for Inductor's lowerings
+            compile_options={"freezing": True},
         )
     ]
 

@@ -1,0 +1,120 @@
+"""qcore.compile(converted, backend="onednn"): lowered by qcore's passes, compiled by Inductor,
+without touching global Inductor settings or a user's custom passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qcore
+
+from _onednn_helpers import largest_activation_scale, quantize
+
+
+class SmallNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        y = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, 1), 1)
+        return self.fc(y)
+
+
+EXAMPLE = (torch.randn(2, 3, 8, 8),)
+MLP_EXAMPLE = (torch.randn(4, 16),)
+
+
+def mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+
+
+def inductor_settings() -> dict:
+    from torch._inductor import config
+
+    return {
+        "freezing": config.freezing,
+        "post_grad_custom_pre_pass": config.post_grad_custom_pre_pass,
+        "post_grad_custom_post_pass": config.post_grad_custom_post_pass,
+        "joint_custom_pre_pass": config.joint_custom_pre_pass,
+    }
+
+
+def test_onednn_backend_declares_freezing_as_its_compile_option():
+    record = qcore.get_plugin_manager().get_backend("onednn")
+    assert record.compile_options == {"freezing": True}
+
+
+def test_unknown_inductor_setting_is_refused_before_compiling():
+    converted = quantize(mlp(), MLP_EXAMPLE, batches=0)
+    with pytest.raises(ValueError, match=r"unknown Inductor settings \['no_such_setting'\].*freezing"):
+        qcore.compile(converted, backend="onednn", example_inputs=MLP_EXAMPLE, options={"no_such_setting": 1})
+
+
+def test_compile_matches_the_lowered_model_and_leaves_global_inductor_settings_alone():
+    """The one fast-enough compile test: a small MLP, compiled twice, with a user's custom pass."""
+    from torch._inductor import config
+
+    torch._dynamo.reset()
+    seen = []
+
+    def user_pass(graph):
+        seen.append(len(graph.nodes))
+
+    converted = quantize(mlp(), MLP_EXAMPLE)
+    with config.patch(post_grad_custom_post_pass=user_pass):
+        before = inductor_settings()
+        first = qcore.compile(converted, backend="onednn", example_inputs=MLP_EXAMPLE)
+        assert inductor_settings() == before
+        second = qcore.compile(converted, backend="onednn", example_inputs=MLP_EXAMPLE)  # idempotent
+        assert inductor_settings() == before
+        assert config.post_grad_custom_post_pass is user_pass
+        assert seen, "the user's custom Inductor pass still runs inside qcore.compile"
+        with torch.no_grad():
+            expected = first.lowered(*MLP_EXAMPLE)
+        for compiled in (first, second):
+            actual = compiled(*MLP_EXAMPLE)
+            assert not actual.requires_grad
+            assert (expected - actual).abs().max() <= largest_activation_scale(converted) * 1.01 + 1e-5
+        assert inductor_settings() == before
+    assert first.lowered.meta["qcore_lowered"]["counters"]["qlinear_weight_prepack_matcher_count"] == 2
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_cnn_matches_the_lowered_eager_model_within_one_quantization_step():
+    torch._dynamo.reset()
+    converted = quantize(SmallNet(), EXAMPLE)
+    compiled = qcore.compile(converted, backend="onednn", example_inputs=EXAMPLE)
+    with torch.no_grad():
+        expected = compiled.lowered(*EXAMPLE)
+    actual = compiled(*EXAMPLE)
+    assert (expected - actual).abs().max() <= largest_activation_scale(converted) * 1.01 + 1e-5
+    # the compiled model is lowered: no q/dq ops reach Inductor from the convs and linears
+    assert compiled.lowered.meta["qcore_lowered"]["counters"]["qconv2d_weight_prepack_matcher_count"] == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_model_called_with_grad_enabled_does_not_recompile_without_freezing():
+    from torch._inductor import config
+
+    torch._dynamo.reset()
+    converted = quantize(mlp(), MLP_EXAMPLE)
+    compiled = qcore.compile(converted, backend="onednn", example_inputs=MLP_EXAMPLE)
+    assert torch.is_grad_enabled() and config.freezing is False
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            compiled(*MLP_EXAMPLE)
+    torch._dynamo.reset()
+
+
+def test_importing_qcore_does_not_import_inductor():
+    import subprocess
+    import sys
+
+    code = "import sys, qcore; qcore.compile; print('torch._inductor' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
