@@ -2,7 +2,11 @@
 
     qcore plugins            a table for people: plugin, distribution, version, status, hooks, backends
     qcore plugins --json     the same for tools: a JSON list of objects
-    qcore demo               quantize a small MLP end to end and say what happened
+    qcore demo               train a small CNN on the digits data set, quantize it (onednn, or
+                             xnnpack), print float vs int8 accuracy and latency, write a report
+    qcore demo --quantizer Q the step-by-step MLP walkthrough with quantizer Q (auto, xnnpack, toy)
+    qcore quantize PKG.MODULE:FACTORY --calibration PKG.MODULE:LOADER --out model.pt2 [--report DIR]
+    qcore explain PKG.MODULE:FACTORY [--calibration ...]   which ops become integer kernels, and why
     qcore --debug ...        show the full traceback of an error
 
 Exit codes: 0 success, 1 an error (one line on stderr, no traceback unless ``--debug``),
@@ -18,10 +22,11 @@ and the demo model load inside the subcommands.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import warnings
-from typing import Any, Optional, Sequence, TextIO
+from typing import Any, Iterator, Optional, Sequence, TextIO
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -118,7 +123,7 @@ def _count_qdq(model: Any) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def run_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+def run_mlp_walkthrough(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import torch
 
     import qcore
@@ -154,6 +159,233 @@ def run_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def run_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Without ``--quantizer``: the digits demo (``qcore.demo``); with it: the MLP walkthrough."""
+    if args.quantizer is not None:
+        return run_mlp_walkthrough(args, out, err)
+    from qcore.demo import run_digits_demo
+
+    run_digits_demo(report_dir=args.report, backend=args.backend, seed=args.seed, out=out, progress=_progress(args))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- qcore quantize / explain
+class CliError(Exception):
+    """A user error the command reports in one line (exit code 1)."""
+
+
+def _progress(args: argparse.Namespace) -> Any:
+    """A tqdm wrapper for ``qcore.quantize(progress=...)`` when stdout is a terminal, else None."""
+    if getattr(args, "quiet", False) or not sys.stdout.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+
+    stream = sys.stderr
+
+    def progress(iterable: Any, desc: str) -> Any:
+        return tqdm(iterable, desc=desc, unit="batch" if desc == "calibrate" else "step", file=stream, leave=False)
+
+    return progress
+
+
+def load_object(spec: str, what: str) -> Any:
+    """The object ``spec`` names: ``pkg.module:name`` or ``path/to/file.py:name``."""
+    import importlib
+    import importlib.util
+    import os
+
+    module_name, sep, attribute = spec.rpartition(":")
+    if not sep or not module_name or not attribute:
+        raise CliError(f"{what} must look like PKG.MODULE:NAME or path/to/file.py:NAME, got {spec!r}")
+    if module_name.endswith(".py") or os.sep in module_name:
+        if not os.path.isfile(module_name):
+            raise CliError(f"{what}: file {module_name} does not exist")
+        unique = "qcore_cli_user_" + os.path.splitext(os.path.basename(module_name))[0]
+        loader_spec = importlib.util.spec_from_file_location(unique, module_name)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[unique] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise CliError(f"{what}: importing {module_name} raised {type(exc).__name__}: {exc}") from exc
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m` does: modules in the current directory
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise CliError(f"{what}: cannot import module {module_name!r} ({exc})") from exc
+        except Exception as exc:
+            raise CliError(f"{what}: importing {module_name} raised {type(exc).__name__}: {exc}") from exc
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise CliError(f"{what}: module {module_name} has no attribute {attribute!r}") from None
+
+
+def _call(spec: str, what: str) -> Any:
+    factory = load_object(spec, what)
+    if not callable(factory):
+        raise CliError(f"{what}: {spec} is a {type(factory).__name__}, not a callable")
+    try:
+        return factory()
+    except Exception as exc:
+        raise CliError(f"{what}: {spec}() raised {type(exc).__name__}: {exc}") from exc
+
+
+def _model_and_inputs(args: argparse.Namespace) -> tuple:
+    """(model, example_inputs, calibration batches or None) from the command's specs."""
+    import itertools
+
+    import torch
+
+    made = _call(args.model, "model factory")
+    example_inputs = None
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
+        made, example_inputs = made
+    if not isinstance(made, torch.nn.Module):
+        raise CliError(f"model factory: {args.model}() returned {type(made).__name__}; expected a torch.nn.Module or (module, example_inputs)")
+    calibration = None
+    if args.calibration:
+        batches = _call(args.calibration, "calibration loader")
+        try:
+            iterator = iter(batches)
+        except TypeError:
+            raise CliError(f"calibration loader: {args.calibration}() returned {type(batches).__name__}, not an iterable of batches") from None
+        first = next(iterator, None)
+        if first is None:
+            raise CliError(f"calibration loader: {args.calibration}() gave no batches")
+        calibration = itertools.chain([first], iterator)
+        if example_inputs is None:
+            example_inputs = (first,) if isinstance(first, torch.Tensor) else tuple(first)
+            if args.calibration_has_labels:
+                example_inputs = example_inputs[:-1]
+    if example_inputs is None:
+        raise CliError(
+            f"no example inputs: give --calibration PKG.MODULE:LOADER, or make {args.model}() return (module, example_inputs)"
+        )
+    return made, example_inputs, calibration
+
+
+def _dynamic_batch(example_inputs: Any, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    return tuple({0: batch} for _ in inputs)
+
+
+def _check_writable_file(path: str, what: str) -> None:
+    import os
+
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CliError(f"{what} {path} is a directory; give a file name such as model.pt2")
+    if not os.path.isdir(directory):
+        raise CliError(f"{what} {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise CliError(f"{what} {path}: directory {directory} is not writable")
+
+
+def _check_writable_dir(path: str, what: str) -> None:
+    import os
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(f"{what} {path} exists and is not a directory")
+    parent = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CliError(f"{what} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CliError(f"{what} {path}: directory {parent} is not writable")
+
+
+def write_report_atomically(report: Any, directory: str) -> None:
+    """Write ``report`` into ``directory`` via a temporary sibling directory, so a failure leaves nothing."""
+    import os
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(directory))
+    temporary = tempfile.mkdtemp(dir=parent, prefix=".qcore-report.")
+    try:
+        report.write(temporary)
+        os.makedirs(directory, exist_ok=True)
+        for name in os.listdir(temporary):
+            os.replace(os.path.join(temporary, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _quantize_from_args(args: argparse.Namespace) -> Any:
+    import qcore
+    from qcore.plugin_manager import get_plugin_manager
+
+    get_plugin_manager().get_backend(args.backend)  # an unknown backend fails before any work
+    model, example_inputs, calibration = _model_and_inputs(args)
+    if calibration is not None and args.calibration_has_labels:
+        calibration = (batch[:-1] for batch in calibration)
+    progress = _progress(args)
+    with _quiet_torch_output(not args.debug):  # an export failure is reported in one line instead
+        return qcore.quantize(
+            model, example_inputs, backend=args.backend, calibration=calibration,
+            dynamic_shapes=_dynamic_batch(example_inputs, args.dynamic_batch), progress=progress,
+        )
+
+
+@contextlib.contextmanager
+def _quiet_torch_output(enabled: bool) -> Iterator[None]:
+    """Hold back what torch prints to stderr (a failing torch.export prints partial graphs);
+    replay it if the block succeeds, drop it if it raises."""
+    import io
+
+    if not enabled:
+        yield
+        return
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        yield
+    sys.stderr.write(held.getvalue())
+
+
+def run_quantize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import os
+
+    _check_writable_file(args.out, "--out")
+    if args.report:
+        _check_writable_dir(args.report, "--report")
+    result = _quantize_from_args(args)
+    result.save(args.out)
+    if args.report:
+        try:
+            write_report_atomically(result.report, args.report)
+        except BaseException:
+            os.remove(args.out)
+            raise
+    report = result.report
+    quantized = sum(1 for node in report.nodes if node.quantized)
+    out.write(f"quantized for {args.backend}: {quantized} of {len(report.nodes)} compute nodes run on int8 inputs\n")
+    if report.model_sqnr_db is not None:
+        out.write(f"model output SQNR vs float: {report.model_sqnr_db:.1f} dB\n")
+    if report.speedup is not None:
+        out.write(
+            f"latency: float {report.latency_ms['float']:.3f} ms, int8 {report.latency_ms['quantized']:.3f} ms "
+            f"({report.speedup:.2f}x)\n"
+        )
+    out.write(f"wrote {args.out}" + (f" and {os.path.join(args.report, 'report.md')}" if args.report else "") + "\n")
+    return EXIT_OK
+
+
+def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    result = _quantize_from_args(args)
+    out.write(result.report.explain() + "\n")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- argument parsing
 class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so ``main`` returns its exit code."""
@@ -186,16 +418,43 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="print a JSON list for tools instead of a table")
     plugins.set_defaults(run=run_plugins)
 
-    demo = commands.add_parser("demo", help="quantize a small MLP end to end and print what happened")
+    demo = commands.add_parser(
+        "demo", help="train a CNN on the digits data set, quantize and lower it, print accuracy and latency"
+    )
+    demo.add_argument("--report", default="qcore-report", metavar="DIR", help="report directory (default ./qcore-report)")
+    demo.add_argument(
+        "--backend", choices=("auto", "onednn", "xnnpack"), default="auto",
+        help="auto (default): onednn if it is available here, else xnnpack",
+    )
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument(
         "--quantizer",
         choices=("auto", "xnnpack", "toy"),
-        default="auto",
-        help="xnnpack (needs qcore-xnnpack), toy (built in), or auto: xnnpack if installed (default)",
+        default=None,
+        help="instead: the step-by-step MLP walkthrough with xnnpack, toy (built in), or auto",
     )
-    demo.add_argument("--batches", type=_positive_int, default=8, help="calibration batches (default 8)")
+    demo.add_argument("--batches", type=_positive_int, default=8, help="walkthrough calibration batches (default 8)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(run=run_demo)
+
+    for name, run, text in (
+        ("quantize", run_quantize, "quantize a model: export, calibrate, convert, lower, save (and report)"),
+        ("explain", run_explain, "quantize a model and say which ops become integer kernels and which stay float, and why"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("model", metavar="PKG.MODULE:FACTORY", help="a callable returning the model, or (model, example_inputs)")
+        sub.add_argument("--backend", default="onednn", help="backend name (default onednn; see `qcore plugins`)")
+        sub.add_argument(
+            "--calibration", metavar="PKG.MODULE:LOADER",
+            help="a callable returning an iterable of batches (a tensor or a tuple of inputs)",
+        )
+        sub.add_argument("--calibration-has-labels", action="store_true", help="each batch ends with a label to drop")
+        sub.add_argument("--dynamic-batch", action="store_true", help="make dimension 0 of every input dynamic")
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "quantize":
+            sub.add_argument("--out", required=True, metavar="FILE", help="where to write the quantized program (.pt2)")
+            sub.add_argument("--report", metavar="DIR", help="also write report.md and sqnr.png into DIR")
+        sub.set_defaults(run=run)
     return parser
 
 
@@ -227,7 +486,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return stop.status
     if args.command is None:
         parser.print_usage(sys.stderr)
-        sys.stderr.write("qcore: error: missing command; choose one of: plugins, demo (see `qcore --help`)\n")
+        sys.stderr.write("qcore: error: missing command; choose one of: plugins, demo, quantize, explain (see `qcore --help`)\n")
         return EXIT_USAGE
     try:
         return args.run(args, sys.stdout, sys.stderr)

@@ -335,7 +335,7 @@ def save(
     example_inputs = _as_inputs(example_inputs)
     program = torch.export.export(converted, example_inputs, dynamic_shapes=dynamic_shapes)
     try:
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp.pt2")
     except OSError as exc:
         raise QuantizeError(f"cannot write {path}: {exc.strerror or exc}") from exc
     os.close(handle)

@@ -211,7 +211,7 @@ def test_demo_with_the_builtin_toy_quantizer(capsys, fresh_plugin_manager):
 
 def test_demo_picks_xnnpack_when_installed(capsys, fresh_plugin_manager):
     pytest.importorskip("qcore_xnnpack")
-    code, out, err = run_cli(capsys, "demo")
+    code, out, err = run_cli(capsys, "demo", "--quantizer", "auto")
     assert code == 0, err
     assert "XNNPACKQuantizer" in out
     assert re.search(r"quantize_per_tensor x\d+", out)
@@ -221,7 +221,7 @@ def test_demo_picks_xnnpack_when_installed(capsys, fresh_plugin_manager):
 def test_demo_falls_back_to_the_toy_quantizer_without_xnnpack(capsys, fresh_plugin_manager, monkeypatch):
     monkeypatch.setitem(sys.modules, "qcore_xnnpack", None)  # import fails as if not installed
     monkeypatch.setenv("QCORE_BLOCK_PLUGINS", "xnnpack")  # and its plugin is not loaded
-    code, out, err = run_cli(capsys, "demo", "--batches", "1")
+    code, out, err = run_cli(capsys, "demo", "--quantizer", "auto", "--batches", "1")
     assert code == 0, err
     assert "ToyLinearQuantizer (built into qcore) (qcore-xnnpack is not installed)" in out
 

@@ -1,0 +1,170 @@
+"""``qcore quantize``, ``qcore explain`` and the digits ``qcore demo``: outputs, and one-line errors that leave nothing behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from qcore.cli import main
+
+USER_MODULE = textwrap.dedent(
+    """
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4 * 8 * 8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+    class Branchy(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return x * 2
+            return x
+
+    def make_model():
+        torch.manual_seed(0)
+        return Net().eval()
+
+    def make_branchy():
+        return Branchy()
+
+    def broken_factory():
+        raise RuntimeError("weights file not found")
+
+    def batches():
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(4, 1, 8, 8, generator=g) for _ in range(3)]
+
+    def labelled_batches():
+        return [(x, torch.zeros(4, dtype=torch.long)) for x in batches()]
+
+    def wrong_batches():
+        return [torch.randn(4, 1, 8, 8), torch.randn(4, 3, 8, 8)]
+    """
+)
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "qcore_cli_user_models.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("qcore_cli_user_models", None)
+    yield "qcore_cli_user_models"
+    sys.modules.pop("qcore_cli_user_models", None)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_quantize_writes_program_and_report(capsys, user_module, tmp_path):
+    code, out, err = run_cli(
+        capsys, "quantize", f"{user_module}:make_model", "--calibration", f"{user_module}:batches",
+        "--out", "model.pt2", "--report", "rep",
+    )
+    assert code == 0, err
+    assert re.search(r"quantized for onednn: 3 of 4 compute nodes run on int8 inputs", out)
+    assert "wrote model.pt2 and rep/report.md" in out
+    assert err == ""  # no progress bars when stdout is not a terminal
+    assert (tmp_path / "model.pt2").is_file()
+    assert (tmp_path / "rep" / "sqnr.png").read_bytes().startswith(b"\x89PNG")
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert "| conv2d | aten.conv2d | int8 |" in markdown and "onednn.qconv2d_pointwise" in markdown
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no temporaries left
+
+    import qcore, torch
+
+    loaded = qcore.load(tmp_path / "model.pt2")
+    assert loaded(torch.randn(4, 1, 8, 8)).shape == (4, 10)
+
+
+def test_quantize_file_path_spec_labels_and_dynamic_batch(capsys, user_module, tmp_path):
+    code, out, err = run_cli(
+        capsys, "quantize", str(tmp_path / "qcore_cli_user_models.py") + ":make_model",
+        "--calibration", f"{user_module}:labelled_batches", "--calibration-has-labels", "--dynamic-batch",
+        "--out", "m.pt2",
+    )
+    assert code == 0, err
+    import qcore, torch
+
+    loaded = qcore.load(tmp_path / "m.pt2")
+    assert loaded.meta["qcore_backend"] == "onednn"
+    assert loaded(torch.randn(7, 1, 8, 8)).shape == (7, 10)
+
+
+def test_explain_lists_integer_kernels_and_float_ops(capsys, user_module):
+    code, out, err = run_cli(capsys, "explain", f"{user_module}:make_model", "--calibration", f"{user_module}:batches")
+    assert code == 0, err
+    assert "integer kernels: " in out and "onednn.qconv2d_pointwise x1" in out
+    assert "relu (aten.relu): float: fused into the int8 partition of conv2d" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{m}:make_model", "--backend", "tpu"], r"unknown backend 'tpu'; installed backends: .*onednn"),
+        (["no_such_pkg.models:make", ], r"model factory: cannot import module 'no_such_pkg.models'"),
+        (["missing_dir/models.py:make"], r"model factory: file missing_dir/models.py does not exist"),
+        (["{m}:nope"], r"model factory: module qcore_cli_user_models has no attribute 'nope'"),
+        (["{m}:broken_factory"], r"model factory: qcore_cli_user_models:broken_factory\(\) raised RuntimeError: weights file not found"),
+        (["{m}:make_branchy", "--calibration", "{m}:batches"], r"torch.export could not capture Branchy: .*at qcore_cli_user_models.py:\d+ in forward: if x.sum\(\) > 0:.*hint:"),
+        (["{m}:make_model", "--calibration", "{m}:wrong_batches"], r"calibration batch 1, input 0: expected shape \(4, 1, 8, 8\) .*got \(4, 3, 8, 8\)"),
+        (["{m}:make_model", "--calibration", "{m}:batches", "--out", "no/such/dir/model.pt2"], r"--out no/such/dir/model.pt2: directory .* does not exist"),
+        (["{m}:make_model", "--calibration", "{m}:batches", "--out", "."], r"--out \. is a directory"),
+        (["{m}:make_model"], r"no example inputs: give --calibration"),
+    ],
+)
+def test_errors_are_one_line_nonzero_and_leave_nothing(capsys, user_module, tmp_path, argv, message):
+    argv = [a.format(m=user_module) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", "model.pt2"]
+    before = sorted(os.listdir(tmp_path))
+    code, out, err = run_cli(capsys, "quantize", *argv, "--report", "rep")
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("qcore: error: "), err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_unwritable_report_dir_leaves_no_model(capsys, user_module, tmp_path):
+    (tmp_path / "rep").write_text("a file, not a directory")
+    code, out, err = run_cli(
+        capsys, "quantize", f"{user_module}:make_model", "--calibration", f"{user_module}:batches",
+        "--out", "model.pt2", "--report", "rep",
+    )
+    assert code == 1 and "--report rep exists and is not a directory" in err
+    assert not (tmp_path / "model.pt2").exists()
+
+
+def test_demo_on_digits_in_a_real_process(tmp_path):
+    """What README command 1 runs: train on digits, quantize, lower, compare, write the report."""
+    done = subprocess.run(
+        [sys.executable, "-m", "qcore.cli", "demo", "--report", str(tmp_path / "report")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    accuracy = re.search(r"held-out accuracy: float ([\d.]+)%, int8 ([\d.]+)%", out)
+    assert accuracy, out
+    float_accuracy, int8_accuracy = map(float, accuracy.groups())
+    assert float_accuracy > 85 and abs(float_accuracy - int8_accuracy) < 3
+    assert re.search(r"latency \(batch 256\): float [\d.]+ ms, int8 [\d.]+ ms, speedup [\d.]+x", out)
+    assert "backend onednn" in out or "backend xnnpack" in out
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| accuracy |" in markdown and "| conv2d | aten.conv2d | int8 |" in markdown
+    assert (tmp_path / "report" / "sqnr.png").read_bytes().startswith(b"\x89PNG")
+    assert "Traceback" not in done.stderr
