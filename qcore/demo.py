@@ -96,7 +96,20 @@ def run_digits_demo(
     out: TextIO = sys.stdout,
     progress: Any = None,
 ) -> Any:
-    """Train, quantize, lower, compare, report; returns the ``QuantizeResult``."""
+    """Train, quantize, lower, compare, report; returns the ``QuantizeResult``.
+
+    Runs on one thread (restored afterwards): stable timings, and no thread oversubscription on
+    a busy machine (two threads on a loaded 2-core machine train ten times slower).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_digits_demo(report_dir, backend, seed, out, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_digits_demo(report_dir: Optional[str], backend: str, seed: int, out: TextIO, progress: Any) -> Any:
     import qcore
     from qcore.report import time_model
 
@@ -132,7 +145,7 @@ def run_digits_demo(
     timing_batch = (x_test[:256],)
     report.latency_ms = {"float": time_model(model, timing_batch), "quantized": time_model(quantized, timing_batch)}
     out.write(
-        f"4. latency (batch 256): float {report.latency_ms['float']:.3f} ms, int8 {report.latency_ms['quantized']:.3f} ms, "
+        f"4. latency (batch 256, 1 thread): float {report.latency_ms['float']:.3f} ms, int8 {report.latency_ms['quantized']:.3f} ms, "
         f"speedup {report.speedup:.2f}x\n"
     )
     if report.model_sqnr_db is not None:

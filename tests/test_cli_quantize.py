@@ -162,7 +162,7 @@ def test_demo_on_digits_in_a_real_process(tmp_path):
     assert accuracy, out
     float_accuracy, int8_accuracy = map(float, accuracy.groups())
     assert float_accuracy > 85 and abs(float_accuracy - int8_accuracy) < 3
-    assert re.search(r"latency \(batch 256\): float [\d.]+ ms, int8 [\d.]+ ms, speedup [\d.]+x", out)
+    assert re.search(r"latency \(batch 256, 1 thread\): float [\d.]+ ms, int8 [\d.]+ ms, speedup [\d.]+x", out)
     assert "backend onednn" in out or "backend xnnpack" in out
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| accuracy |" in markdown and "| conv2d | aten.conv2d | int8 |" in markdown
