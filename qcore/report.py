@@ -203,19 +203,16 @@ def _is_compute(node: Node) -> bool:
     return not (is_quantize(node) or is_dequantize(node)) and node.target.namespace == "aten"
 
 
-def _float_reason(node: Node, converted_node: Optional[Node], float_node: Node, backend: str) -> str:
-    if converted_node is not None:
+def _float_reason(converted_node: Node, backend: str) -> str:
+    """Why a node of the converted graph runs on float inputs (its annotation says if it was claimed)."""
+    annotation = converted_node.meta.get(ANNOTATION_KEY)
+    if annotation is not None and getattr(annotation, "_annotated", False):
         producers = [a for a in converted_node.all_input_nodes if _is_compute(a)]
-        if producers and any(is_quantize(user) for user in converted_node.users) and any(
-            any(is_dequantize(i) for i in p.all_input_nodes) for p in producers
-        ):
-            return f"fused into the int8 partition of {producers[0].name} (output quantized after it)"
-    annotation = float_node.meta.get(ANNOTATION_KEY)
-    if float_node.target in QUANTIZABLE_OPS:
+        anchor = producers[0].name if producers else "its producer"
+        return f"fused into the int8 partition of {anchor} (output quantized after it)"
+    if converted_node.target in QUANTIZABLE_OPS:
         return f"quantizable, but no {backend} pattern matched here (scope set to None or unsupported form)"
-    if annotation is not None:
-        return "annotated, but its inputs stay float"
-    return f"no {backend} annotator handles {_op_name(float_node)}"
+    return f"no {backend} annotator handles {_op_name(converted_node)}"
 
 
 def classify_nodes(exported: GraphModule, converted: GraphModule, backend: str) -> list[NodeReport]:
@@ -233,7 +230,7 @@ def classify_nodes(exported: GraphModule, converted: GraphModule, backend: str) 
         if dequantized:
             reports.append(NodeReport(node.name, _op_name(node), True, f"int8 inputs ({len(dequantized)} dequantized)"))
         else:
-            reports.append(NodeReport(node.name, _op_name(node), False, _float_reason(node, twin, node, backend)))
+            reports.append(NodeReport(node.name, _op_name(node), False, _float_reason(twin, backend)))
     return reports
 
 
