@@ -41,7 +41,10 @@ class DigitsCNN(torch.nn.Module):
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.25) -> tuple:
     """(x_train, y_train, x_test, y_test): digits scaled to [0, 1], shape (N, 1, 8, 8)."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise RuntimeError("qcore demo needs scikit-learn for its data set: pip install qcore[demo]") from None
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0

@@ -199,3 +199,16 @@ def test_dynamic_batch_through_quantize_save_load_and_lower(tmp_path):
 def test_load_missing_file(tmp_path):
     with pytest.raises(QuantizeError, match="cannot load .*no such file"):
         qcore.load(tmp_path / "nope.pt2")
+
+
+def test_readme_one_call_quickstart_runs(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+    import re as regex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = regex.findall(r"```python\n(.*?)```", readme, flags=regex.S)
+    one_call = next(block for block in blocks if "qcore.quantize(" in block)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(one_call, "README.md one-call quickstart", "exec"), {})
+    assert "integer kernels: onednn.qlinear_pointwise x2" in capsys.readouterr().out
+    assert (tmp_path / "model.pt2").is_file() and (tmp_path / "report" / "sqnr.png").is_file()
