@@ -333,7 +333,7 @@ def save(
     if os.path.isdir(path):
         raise QuantizeError(f"cannot write {path}: it is a directory; give a file name such as model.pt2")
     example_inputs = _as_inputs(example_inputs)
-    program = torch.export.export(converted, example_inputs, dynamic_shapes=dynamic_shapes)
+    program = torch.export.export(_without_unused_state(converted), example_inputs, dynamic_shapes=dynamic_shapes)
     try:
         handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp.pt2")
     except OSError as exc:
@@ -351,6 +351,24 @@ def save(
         if isinstance(exc, OSError):
             raise QuantizeError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
+
+
+def _without_unused_state(model: GraphModule) -> GraphModule:
+    """A copy of ``model`` without the parameters, buffers and submodules its graph never reads
+    (the float weights that convert replaced by int8 ones, leftover observers): they would be saved."""
+    from qcore.graph_copy import copy_graph_module
+
+    used = {node.target for node in model.graph.nodes if node.op in ("get_attr", "call_module")}
+    copy, _ = copy_graph_module(model, copy_tensors=False)
+    for name, _ in list(copy.named_parameters()) + list(copy.named_buffers()):
+        if name in used or any(name.startswith(target + ".") for target in used):
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = copy.get_submodule(owner_name) if owner_name else copy
+        owner._parameters.pop(leaf, None)
+        owner._buffers.pop(leaf, None)
+    copy.delete_all_unused_submodules()
+    return copy
 
 
 def load(path: "str | os.PathLike") -> GraphModule:

@@ -212,3 +212,26 @@ def test_readme_one_call_quickstart_runs(tmp_path, monkeypatch, capsys):
     exec(compile(one_call, "README.md one-call quickstart", "exec"), {})
     assert "integer kernels: onednn.qlinear_pointwise x2" in capsys.readouterr().out
     assert (tmp_path / "model.pt2").is_file() and (tmp_path / "report" / "sqnr.png").is_file()
+
+
+def test_saved_program_holds_int8_weights_not_the_float_ones(cnn_result, tmp_path):
+    _, result = cnn_result
+    before = {name for name, _ in result.converted.named_parameters()}
+    result.save(tmp_path / "model.pt2")
+    loaded = qcore.load(tmp_path / "model.pt2")
+    state = {name: t for name, t in list(loaded.named_parameters()) + list(loaded.named_buffers())}
+    assert "conv_weight_quantized" in state and state["conv_weight_quantized"].dtype == torch.int8
+    assert "conv.weight" not in state and "fc.weight" not in state
+    assert not [name for name in state if name.startswith("activation_post_process")]
+    assert {name for name, _ in result.converted.named_parameters()} == before  # the result is not changed
+
+
+def test_progress_wraps_export_calibration_and_lowering():
+    stages = []
+
+    def progress(iterable, desc):
+        stages.append(desc)
+        return iterable
+
+    qcore.quantize(SmallCNN().eval(), batches(1)[0], calibration=batches(2), progress=progress, measure_latency=False)
+    assert stages == ["export", "calibrate", "lower"]
