@@ -3,9 +3,9 @@
 Order (declared with ``after``; unary before binary so that a binary conv's accumulator is
 already the uint8 output of the conv that produced it)::
 
-    promote_dequantize
+    promote_dequantize ─▶ unwrap_bf16_autocast_inputs
       ├─▶ prepack_conv_weights ─┐
-      └─▶ prepack_linear_weights┴▶ fuse_unary_post_ops ─▶ fuse_binary_post_ops
+      └─▶ prepack_linear_weights┴▶ fold_bf16_output_casts ─▶ fuse_unary_post_ops ─▶ fuse_binary_post_ops
             ─▶ lower_quantized_max_pool2d ─▶ lower_quantized_cat ─▶ lower_quantized_reshape
             ─▶ reshape_channels_last_views ─▶ lower_weight_only_int8_matmul
 """
@@ -19,6 +19,7 @@ BACKEND = "onednn"
 
 def onednn_lowering_passes() -> list:
     """Every lowering pass of the backend (qcore orders them by ``after``)."""
+    from qcore_onednn_x86.lowering.fold_bf16_output_casts import fold_bf16_output_casts
     from qcore_onednn_x86.lowering.fuse_binary_post_ops import fuse_binary_post_ops
     from qcore_onednn_x86.lowering.fuse_unary_post_ops import fuse_unary_post_ops
     from qcore_onednn_x86.lowering.lower_quantized_cat import lower_quantized_cat
@@ -29,15 +30,18 @@ def onednn_lowering_passes() -> list:
     from qcore_onednn_x86.lowering.prepack_linear_weights import prepack_linear_weights
     from qcore_onednn_x86.lowering.promote_dequantize import promote_dequantize
     from qcore_onednn_x86.lowering.reshape_channels_last_views import reshape_channels_last_views
+    from qcore_onednn_x86.lowering.unwrap_bf16_autocast_inputs import unwrap_bf16_autocast_inputs
 
     def record(fn, after=()):
         return qcore.LoweringPass(name=fn.__name__, fn=fn, backend=BACKEND, after=after)
 
     return [
         record(promote_dequantize),
-        record(prepack_conv_weights, ("promote_dequantize",)),
-        record(prepack_linear_weights, ("promote_dequantize",)),
-        record(fuse_unary_post_ops, ("prepack_conv_weights", "prepack_linear_weights")),
+        record(unwrap_bf16_autocast_inputs, ("promote_dequantize",)),
+        record(prepack_conv_weights, ("unwrap_bf16_autocast_inputs",)),
+        record(prepack_linear_weights, ("unwrap_bf16_autocast_inputs",)),
+        record(fold_bf16_output_casts, ("prepack_conv_weights", "prepack_linear_weights")),
+        record(fuse_unary_post_ops, ("fold_bf16_output_casts",)),
         record(fuse_binary_post_ops, ("fuse_unary_post_ops",)),
         record(lower_quantized_max_pool2d, ("fuse_binary_post_ops",)),
         record(lower_quantized_cat, ("lower_quantized_max_pool2d",)),

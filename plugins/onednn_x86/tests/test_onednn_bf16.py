@@ -1,0 +1,85 @@
+"""int8-mixed-bf16: a converted model traced under CPU bf16 autocast lowers to oneDNN ops that
+produce bf16 (or uint8 when a quantize follows), matching the unlowered bf16 graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from _onednn_helpers import counters, count, largest_activation_scale, lower, onednn, qdq_count, quantize, qd
+
+QOPS = (onednn.qconv2d_pointwise.default, onednn.qlinear_pointwise.default)
+
+
+def autocast_bf16(converted: torch.fx.GraphModule, example: tuple) -> torch.fx.GraphModule:
+    """The converted q/dq model retraced under bf16 autocast (casts after each dequantize)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        traced = make_fx(converted)(*example)
+    traced.graph.eliminate_dead_code()
+    traced.recompile()
+    return traced
+
+
+class ConvReluConv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+def linear_relu_linear() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+
+
+def qop_output_dtypes(lowered: torch.fx.GraphModule) -> list:
+    found = []
+    for node in lowered.graph.nodes:
+        if node.op == "call_function" and node.target in QOPS:
+            index = 13 if node.target is onednn.qconv2d_pointwise.default else 9
+            found.append((node.args[index], node.args[index + 1]))
+    return found
+
+
+def lower_and_check(model: torch.nn.Module, example: tuple, qop_count: int) -> torch.fx.GraphModule:
+    converted = quantize(model, example)
+    graph = autocast_bf16(converted, example)
+    lowered = lower(graph, example)
+    assert counters(lowered)["bf16_autocast_input_unwrap_count"] == qop_count
+    assert counters(lowered)["bf16_output_cast_fold_count"] == qop_count
+    assert count(lowered, *QOPS) == qop_count
+    assert qdq_count(lowered) == 1  # only the model input's quantize is left
+    with torch.no_grad():
+        expected, actual = graph(*example), lowered(*example)
+    assert actual.dtype == torch.bfloat16 == expected.dtype
+    step = largest_activation_scale(converted)
+    tolerance = 2 * step + 0.02 * expected.float().abs().max().item()
+    assert (expected.float() - actual.float()).abs().max().item() <= tolerance
+    return lowered
+
+
+def test_bf16_conv_relu_conv_lowers_to_uint8_then_bf16_output_convs():
+    lowered = lower_and_check(ConvReluConv(), (torch.randn(2, 3, 8, 8),), 2)
+    # conv1 + relu writes uint8 for conv2 (relu fused); conv2 writes bf16
+    assert [(attr, dtype) for attr, dtype in zip(
+        [n.args[14] for n in lowered.graph.nodes if n.target is onednn.qconv2d_pointwise.default],
+        [d for d, _ in qop_output_dtypes(lowered)],
+    )] == [("relu", torch.uint8), ("none", torch.bfloat16)]
+    assert counters(lowered)["qconv2d_unary_matcher_count"] == 1
+
+
+@pytest.mark.parametrize("shape", [(4, 16), (2, 3, 16)], ids=["2d", "3d"])
+def test_bf16_linear_relu_linear_lowers_to_qlinear_with_bf16_output(shape):
+    lowered = lower_and_check(linear_relu_linear(), (torch.randn(*shape),), 2)
+    assert [d for d, _ in qop_output_dtypes(lowered)] == [torch.uint8, torch.bfloat16]
+    assert counters(lowered)["qlinear_unary_matcher_count"] == 1
+
+
+def test_fp32_graph_keeps_fp32_outputs_and_no_bf16_counters():
+    example = (torch.randn(4, 16),)
+    lowered = lower(quantize(linear_relu_linear(), example), example)
+    assert "bf16_autocast_input_unwrap_count" not in counters(lowered)
+    assert [d for d, _ in qop_output_dtypes(lowered)] == [torch.uint8, torch.float32]
