@@ -5,8 +5,9 @@ Not a test. For each model it reports latency (median of ``--iters`` runs after 
 * fp32 eager, fp32 ``torch.compile``;
 * torchao int8: ``lower_pt2e_quantized_to_x86`` (eager), and ``torch.compile`` with freezing
   on torchao's converted model (Inductor's own x86 passes);
-* qcore int8: ``qcore.lower(..., backend="onednn")`` run eagerly, and that lowered module
-  compiled with ``torch.compile`` (freezing on, so packed weights are constants);
+* qcore int8: ``qcore.lower(..., backend="onednn")`` run eagerly, and
+  ``qcore.compile(..., backend="onednn")`` (lowered, then ``torch.compile`` with freezing for
+  that model only, so packed weights are constants);
 
 plus the ratio to fp32 eager and the SQNR (dB) of every int8 variant against the float model.
 
@@ -222,9 +223,12 @@ def run_model(name: str, args: argparse.Namespace) -> list[tuple]:
         measure("qcore int8 q/dq (unlowered)", converted)
     measure("qcore int8 lowered eager", lowered)
     if args.compile:
+        import qcore
+
         torch._dynamo.reset()
-        ours_compiled = torch.compile(lowered)
-        measure("qcore int8 lowered compiled", ours_compiled, freezing=True)
+        # qcore.compile applies the backend's Inductor settings (freezing) to this model only
+        ours_compiled = qcore.compile(converted, backend="onednn", example_inputs=example)
+        measure("qcore int8 qcore.compile", ours_compiled)
     return rows
 
 
