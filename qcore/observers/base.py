@@ -35,6 +35,7 @@ __all__ = [
     "ObserverConstructor",
     "ObserverOrFakeQuantizeBase",
     "calculate_qparams_from_min_max",
+    "per_tensor_qparams_float32",
     "default_quant_range",
     "resolve_quant_range",
     "to_plain_dtype",
@@ -243,7 +244,34 @@ def _per_tensor_qparams(
     either way, so the same bits), a few times faster.
     """
     f32 = np.float32
-    low, high = f32(min_val.item()), f32(max_val.item())
+    return per_tensor_qparams_float32(
+        f32(min_val.item()),
+        f32(max_val.item()),
+        dtype=dtype,
+        qscheme=qscheme,
+        quant_min=quant_min,
+        quant_max=quant_max,
+        eps=f32(eps.item()),
+        has_customized_qrange=has_customized_qrange,
+        who=who,
+    )
+
+
+def per_tensor_qparams_float32(
+    low: np.float32,
+    high: np.float32,
+    *,
+    dtype: torch.dtype,
+    qscheme: torch.qscheme,
+    quant_min: int,
+    quant_max: int,
+    eps: np.float32,
+    has_customized_qrange: bool,
+    who: str = "observer",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`calculate_qparams_from_min_max` for a per-tensor qscheme, from float32 min, max
+    and eps given as numpy scalars (CPU results)."""
+    f32 = np.float32
     if low == math.inf and high == -math.inf:
         warnings.warn(
             f"{who}: calculate_qparams called before the observer saw any data; "
@@ -255,7 +283,7 @@ def _per_tensor_qparams(
         raise CalibrationError(f"{who}: min {float(low)} is greater than max {float(high)}")
     min_neg = min(low, f32(0.0))
     max_pos = max(high, f32(0.0))
-    eps32 = f32(eps.item())
+    eps32 = eps
     with np.errstate(all="ignore"):
         if qscheme == torch.per_tensor_symmetric:
             scale = max(max(-min_neg, max_pos) / f32(float(quant_max - quant_min) / 2), eps32)

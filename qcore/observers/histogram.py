@@ -25,18 +25,19 @@ small fraction of the time (``bench/bench_histogram.py``).
 
 from __future__ import annotations
 
+import array
 import bisect
 import functools
 import itertools
 import math
 import struct
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from qcore.observers.base import DEFAULT_EPS, ObserverBase
+from qcore.observers.base import DEFAULT_EPS, PER_TENSOR_QSCHEMES, ObserverBase, per_tensor_qparams_float32
 
 __all__ = ["HistogramObserver"]
 
@@ -52,6 +53,10 @@ _SUM_GRAIN = 32767
 #: Inputs up to this size are counted with numpy (torch's elementwise kernels stay on one thread
 #: below 32768 elements; torch.histc already splits above 200).
 _HOST_COUNT_LIMIT = 32768
+#: Below this histogram range (bins * bin_width) every float32 term of the error stays finite
+#: (distances to a destination bin centre are at most twice the range; their cubes stay below
+#: float32's maximum), so a bin without data contributes exactly 0 and can be skipped.
+_FINITE_TERMS_RANGE = 1e12
 
 
 def _to_float32(value: float) -> float:
@@ -101,14 +106,14 @@ def _histc(values: np.ndarray, bins: int, low: float, high: float) -> np.ndarray
     return np.bincount(index, minlength=bins).astype(np.float32)
 
 
-def _candidate_ranges(cum: np.ndarray, total: float) -> Iterator[tuple[int, int]]:
+def _candidate_ranges(cum: Sequence[float], total: float) -> Iterator[tuple[int, int]]:
     """The (start_bin, end_bin) ranges torch.ao's search evaluates, in order.
 
-    ``cum`` is the float32 cumulative histogram (as float64), ``total`` its sum. Each step
-    of torch.ao's loop moves ``alpha`` up (start bin to the ``alpha`` quantile) or ``beta`` down
-    (end bin to the ``beta`` quantile), whichever side moves further; steps that move no bin are
-    skipped. The sequence does not depend on the errors: the search just stops at the first
-    range whose error is larger than the previous one.
+    ``cum`` is the float32 cumulative histogram (a sequence of Python floats), ``total`` its sum.
+    Each step of torch.ao's loop moves ``alpha`` up (start bin to the ``alpha`` quantile) or
+    ``beta`` down (end bin to the ``beta`` quantile), whichever side moves further; steps that
+    move no bin are skipped. The sequence does not depend on the errors: the search just stops at
+    the first range whose error is larger than the previous one.
     """
     alphas, betas = _quantile_steps()
     last = len(betas) - 1
@@ -133,15 +138,30 @@ def _candidate_ranges(cum: np.ndarray, total: float) -> Iterator[tuple[int, int]
             # falls below cum[end] (thresholds only decrease with k).
             if start == end:
                 return
-            end_count = cum[end]
-            b = bisect.bisect_left(
-                range(last + 1),
-                True,
-                lo=b + 1,
-                key=lambda k: _to_float32(betas[k] * total) < end_count,
-            ) - 1
+            b = _first_step_below(betas, b + 1, last, total, cum[end]) - 1
             continue
         yield start, end
+
+
+def _first_step_below(betas: list[float], first: int, last: int, total: float, count: float) -> int:
+    """The smallest k in [first, last] with ``float32(betas[k] * total) < count``, else last + 1.
+
+    The thresholds only decrease with k. ``betas[k]`` is ``1 - k * step`` up to rounding errors
+    far below one step, which gives the answer to within a step or two; the walk from there
+    checks the exact condition, so the result is the one a step-by-step scan finds.
+    """
+
+    def below(k: int) -> bool:
+        return _to_float32(betas[k] * total) < count
+
+    k = first
+    if total > 0.0:
+        k = min(max(int((1.0 - count / total) / _STEP), first), last + 1)
+    while k > first and below(k - 1):
+        k -= 1
+    while k <= last and not below(k):
+        k += 1
+    return k
 
 
 def _floor_divide(numer: np.ndarray, denom: np.ndarray, known_zeros: int) -> np.ndarray:
@@ -167,64 +187,113 @@ def _bin_indices(bins: int) -> np.ndarray:
     return np.arange(bins, dtype=np.float32)
 
 
-def _quantization_errors(
-    density: np.ndarray, bin_width: float, dst_nbins: int, starts: list[int], ends: list[int]
-) -> list[float]:
-    """torch.ao's ``_compute_quantization_error(start, end)`` for many ranges at once.
+#: Sign and offset of the two edges of a source bin: torch.ao's error of the part of a source
+#: bin in its first destination bin is ``h^3 - d^3``, in its last one ``d^3 + h^3``; the centre of
+#: the first destination bin is ``(bin + 0.5) * width``, of the last ``bin * width + h``.
+_EDGE_SIGN = np.array([-1.0, 1.0], dtype=np.float32).reshape(2, 1, 1)
+_EDGE_BIN_OFFSET = np.array([0.5, 0.0], dtype=np.float32).reshape(2, 1, 1)
+
+
+class _RangeErrors:
+    """torch.ao's ``_compute_quantization_error(start, end)`` over one histogram, for many
+    candidate ranges at once.
 
     One row per candidate range; every operation is the float32 operation torch.ao performs for
     that candidate (Python scalars rounded to float32 as torch does), so each row's sum is
-    bit-identical to torch.ao's error for that range.
+    bit-identical to torch.ao's error for that range. Bins without data add exactly 0 to every
+    error as long as all terms stay finite (``skip_empty``); they are then left out of the
+    arithmetic, though each row is still summed over all bins, in torch's order.
     """
-    f32 = np.float32
-    bins = density.shape[0]
-    first = np.array(starts, dtype=np.float64)
-    # torch.ao computes the destination bin width with Python floats, then uses it as float32
-    dst_width64 = (np.array(ends, dtype=np.float64) - first + 1) * bin_width / dst_nbins
-    dst_width = dst_width64.astype(f32)[:, None]
-    half = (dst_width64 / 2).astype(f32)[:, None]
-    neg_half = -half
-    half_cubed = half * half * half
-    neg_half_cubed = neg_half * neg_half * neg_half
-    full_bin = (half_cubed - neg_half_cubed) / f32(3)
 
-    width = f32(bin_width)
-    # edges[0] / edges[1]: where each source bin begins / ends, measured from the range start
-    edges = np.empty((2, len(starts), bins), dtype=f32)
-    np.subtract(_bin_indices(bins), first.astype(f32)[:, None], out=edges[0])
-    edges[0] *= width
-    np.add(edges[0], width, out=edges[1])
-    # the destination bin each edge falls in; each row has one zero edge at its start bin and,
-    # unless it starts at bin 0, one where the bin before it ends
-    zero_edges = 2 * len(starts) - starts.count(0)
-    dst_bins = _floor_divide(edges, dst_width, zero_edges)
-    np.clip(dst_bins, 0, dst_nbins - 1, out=dst_bins)
-    begin_bin, end_bin = dst_bins
-    # distance of each edge from the centre of its destination bin
-    deltas = np.empty_like(edges)
-    np.add(begin_bin, f32(0.5), out=deltas[0])
-    deltas[0] *= dst_width
-    np.multiply(end_bin, dst_width, out=deltas[1])
-    deltas[1] += half
-    np.subtract(edges, deltas, out=deltas)
-    # error of the part of the source bin in its first / last destination bin
-    parts = deltas * deltas
-    parts *= deltas
-    np.subtract(half_cubed, parts[0], out=parts[0])
-    parts[1] -= neg_half_cubed
-    parts /= f32(3)
-    parts *= density
-    # plus the destination bins it covers completely
-    norm = end_bin - begin_bin
-    norm -= f32(1)
-    norm *= density * full_bin
-    np.add(parts[0], norm, out=norm)
-    norm += parts[1]
-    # torch.ao sums each candidate's errors with torch.sum over 2048 float32 values; sum rows the
-    # same way, a few rows at a time so that torch does not split the reduction across threads.
-    rows = torch.from_numpy(norm)
-    step = max(1, _SUM_GRAIN // bins)
-    return [error for i in range(0, rows.shape[0], step) for error in rows[i : i + step].sum(dim=1).tolist()]
+    def __init__(self, density: np.ndarray, bin_width: float, dst_nbins: int, skip_empty: bool) -> None:
+        self.bins = density.shape[0]
+        self.bin_width = bin_width
+        self.width = np.float32(bin_width)
+        self.dst_nbins = dst_nbins
+        self.columns: Optional[np.ndarray] = None
+        self.indices, self.values = _bin_indices(self.bins), density
+        if skip_empty:
+            columns = np.flatnonzero(density)
+            # gathering the bins with data and scattering their terms back pays off when few have
+            if columns.shape[0] <= self.bins // 2:
+                self.columns = columns
+                self.indices, self.values = columns.astype(np.float32), density[columns]
+                # has_data[s]: bin s has data; has_data[s - 1] for s = 0 reads the False at the end
+                self.has_data = np.zeros(self.bins + 1, dtype=bool)
+                self.has_data[columns] = True
+
+    def errors(self, starts: list[int], ends: list[int]) -> list[float]:
+        f32 = np.float32
+        count = len(starts)
+        # torch.ao computes the destination bin width with Python floats, then uses it as float32
+        dst_width64 = [(e - s + 1) * self.bin_width / self.dst_nbins for s, e in zip(starts, ends)]
+        dst_width = np.array(dst_width64, dtype=f32).reshape(count, 1)
+        half = np.array([w / 2 for w in dst_width64], dtype=f32).reshape(count, 1)
+        half_cubed = half * half
+        half_cubed *= half
+        # the term of a fully covered destination bin: (h^3 - (-h)^3) / 3, and (-h)^3 == -(h^3)
+        full_bin = half_cubed + half_cubed
+        full_bin /= f32(3)
+        first = np.array(starts, dtype=np.int64)
+        # each row has a zero edge where its start bin begins and, unless it starts at bin 0, one
+        # where the bin before ends; those quotients are exact already
+        if self.columns is None:
+            zero_edges = 2 * count - starts.count(0)
+        else:
+            zero_edges = int(np.count_nonzero(self.has_data[first])) + int(np.count_nonzero(self.has_data[first - 1]))
+        # edges[0] / edges[1]: where each source bin begins / ends, measured from the range start
+        edges = np.empty((2, count, self.indices.shape[0]), dtype=f32)
+        np.subtract(self.indices, first.astype(f32).reshape(count, 1), out=edges[0])
+        edges[0] *= self.width
+        np.add(edges[0], self.width, out=edges[1])
+        # the destination bin each edge falls in
+        dst_bins = _floor_divide(edges, dst_width, zero_edges)
+        np.maximum(dst_bins, f32(0), out=dst_bins)
+        np.minimum(dst_bins, f32(self.dst_nbins - 1), out=dst_bins)
+        # distance of each edge from the centre of its destination bin
+        centres = dst_bins + _EDGE_BIN_OFFSET
+        centres *= dst_width
+        centres[1] += half
+        np.subtract(edges, centres, out=edges)
+        # error of the part of the source bin in its first / last destination bin
+        parts = np.multiply(edges, edges, out=centres)
+        parts *= edges
+        parts *= _EDGE_SIGN
+        parts += half_cubed
+        parts /= f32(3)
+        parts *= self.values
+        # plus the destination bins it covers completely
+        norm = np.subtract(dst_bins[1], dst_bins[0], out=dst_bins[1])
+        norm -= f32(1)
+        np.multiply(self.values, full_bin, out=edges[0])
+        norm *= edges[0]
+        np.add(parts[0], norm, out=norm)
+        norm += parts[1]
+        if self.columns is not None:
+            rows = np.zeros((count, self.bins), dtype=f32)
+            rows[:, self.columns] = norm
+            norm = rows
+        # torch.ao sums each candidate's errors with torch.sum over the float32 values of all
+        # bins; sum rows the same way, a few rows at a time so that torch does not split the
+        # reduction across threads.
+        sums = torch.from_numpy(norm)
+        step = max(1, _SUM_GRAIN // self.bins)
+        if count <= step:
+            return sums.sum(dim=1).tolist()
+        return [error for i in range(0, count, step) for error in sums[i : i + step].sum(dim=1).tolist()]
+
+
+def _quantization_errors(
+    density: np.ndarray,
+    bin_width: float,
+    dst_nbins: int,
+    starts: list[int],
+    ends: list[int],
+    skip_empty: bool = False,
+) -> list[float]:
+    """torch.ao's quantization errors of the ranges ``zip(starts, ends)`` (see :class:`_RangeErrors`)."""
+    with np.errstate(all="ignore"):
+        return _RangeErrors(density, bin_width, dst_nbins, skip_empty).errors(starts, ends)
 
 
 def search_bin_range(histogram: torch.Tensor, bin_width: float, dst_nbins: int) -> tuple[int, int]:
@@ -236,10 +305,9 @@ def search_bin_range(histogram: torch.Tensor, bin_width: float, dst_nbins: int) 
     hist = histogram.detach()
     if hist.device.type != "cpu" or hist.dtype != torch.float32:
         hist = hist.to("cpu", torch.float32)  # the search is torch.ao's float32 arithmetic
-    # float32 values held as float64, so that comparisons with float32 thresholds are exact
-    cum = torch.cumsum(hist, dim=0).numpy().astype(np.float64)
-    total = torch.sum(hist).item()
-    ranges = _candidate_ranges(cum, total)
+    # the cumulative counts as an array of float32 values, which bisect reads as Python floats
+    cum = array.array("f", torch.cumsum(hist, dim=0).numpy().tobytes())
+    ranges = _candidate_ranges(cum, torch.sum(hist).item())
     start, end = 0, bins - 1
     if bin_width == 0.0:
         # every error is 0.0 (torch.ao's shortcut), so no range is ever rejected
@@ -247,16 +315,16 @@ def search_bin_range(histogram: torch.Tensor, bin_width: float, dst_nbins: int) 
             pass
         return start, end
     with np.errstate(all="ignore"):
-        density = hist.numpy() / np.float32(bin_width)
+        counts = hist.numpy()
+        density = counts / np.float32(bin_width)
+        range_errors = _RangeErrors(density, bin_width, dst_nbins, bins * bin_width < _FINITE_TERMS_RANGE)
         previous = math.inf
         batch = _FIRST_BATCH
         while True:
             candidates = list(itertools.islice(ranges, batch))
             if not candidates:
                 return start, end
-            errors = _quantization_errors(
-                density, bin_width, dst_nbins, [c[0] for c in candidates], [c[1] for c in candidates]
-            )
+            errors = range_errors.errors([c[0] for c in candidates], [c[1] for c in candidates])
             for (next_start, next_end), error in zip(candidates, errors):
                 if error > previous:
                     return start, end
@@ -468,7 +536,12 @@ class HistogramObserver(ObserverBase):
     # ------------------------------------------------------------------ qparams
     def _non_linear_param_search(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (min, max) range with the smallest L2 quantization error, as torch.ao finds it."""
-        min_val, max_val = self.min_val.item(), self.max_val.item()
+        new_min, new_max = self._search_range(self.min_val.item(), self.max_val.item())
+        device = self.min_val.device
+        return torch.tensor(new_min, device=device), torch.tensor(new_max, device=device)
+
+    def _search_range(self, min_val: float, max_val: float) -> tuple[np.float32, np.float32]:
+        """:meth:`_non_linear_param_search` as float32 numpy scalars."""
         start, end = search_bin_range(self.histogram, (max_val - min_val) / self.bins, self.dst_nbins)
         # torch.ao's float32 arithmetic: bin_width = (max - min) / bins, new_min = min + bin_width *
         # start, new_max = min + bin_width * (end + 1); done on numpy scalars (same IEEE operations)
@@ -477,12 +550,12 @@ class HistogramObserver(ObserverBase):
             bin_width = (f32(max_val) - f32(min_val)) / f32(self.bins)
             new_min = f32(min_val) + bin_width * f32(start)
             new_max = f32(min_val) + bin_width * f32(end + 1)
-        device = self.min_val.device
-        return torch.tensor(new_min, device=device), torch.tensor(new_max, device=device)
+        return new_min, new_max
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` of shape ``[1]``; the defaults 1.0 and 0 before any data."""
-        if self.min_val.item() == math.inf and self.max_val.item() == -math.inf:
+        min_val, max_val = self.min_val.item(), self.max_val.item()
+        if min_val == math.inf and max_val == -math.inf:
             warnings.warn(
                 f"{self._who()}: calculate_qparams called before the observer saw any data; "
                 "returning the default scale 1.0 and zero point 0",
@@ -493,6 +566,28 @@ class HistogramObserver(ObserverBase):
         if self.histogram.numel() != self.bins:
             raise ValueError(
                 f"{self._who()}: the histogram has {self.histogram.numel()} bins, expected {self.bins}"
+            )
+        eps = self.eps
+        if (
+            self.qscheme in PER_TENSOR_QSCHEMES
+            and self.min_val.device.type == "cpu"
+            and eps.device.type == "cpu"
+            and eps.dtype == torch.float32
+            and eps.numel() == 1
+        ):
+            # the float32 scalar path _calculate_qparams takes for these buffers, without the
+            # round trip through tensors
+            new_min, new_max = self._search_range(min_val, max_val)
+            return per_tensor_qparams_float32(
+                new_min,
+                new_max,
+                dtype=self.dtype,
+                qscheme=self.qscheme,
+                quant_min=self.quant_min,
+                quant_max=self.quant_max,
+                eps=np.float32(eps.item()),
+                has_customized_qrange=self.has_customized_qrange,
+                who=self._who(),
             )
         new_min, new_max = self._non_linear_param_search()
         return self._calculate_qparams(new_min, new_max)
