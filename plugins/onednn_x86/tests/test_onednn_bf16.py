@@ -83,3 +83,23 @@ def test_fp32_graph_keeps_fp32_outputs_and_no_bf16_counters():
     lowered = lower(quantize(linear_relu_linear(), example), example)
     assert "bf16_autocast_input_unwrap_count" not in counters(lowered)
     assert [d for d, _ in qop_output_dtypes(lowered)] == [torch.uint8, torch.float32]
+
+
+@pytest.mark.parametrize("tail", [True, False], ids=["uint8-out", "float-out"])
+def test_bf16_conv_add_relu_becomes_one_binary_conv(tail):
+    from test_onednn_binary_post_ops import QCONV_ADD, ResidualBlock
+
+    example = (torch.randn(2, 3, 10, 10),)
+    converted = quantize(ResidualBlock(relu=True, tail=tail), example)
+    graph = autocast_bf16(converted, example)
+    lowered = lower(graph, example)
+    assert counters(lowered)["qconv2d_binary_matcher_count"] == 1
+    assert count(lowered, QCONV_ADD) == 1
+    (binary,) = [n for n in lowered.graph.nodes if n.target is QCONV_ADD]
+    assert binary.args[17] == "relu"
+    if tail:
+        assert binary.args[14] == torch.uint8
+    with torch.no_grad():
+        expected, actual = graph(*example), lowered(*example)
+    tolerance = 2 * largest_activation_scale(converted) + 0.02 * expected.float().abs().max().item()
+    assert (expected.float() - actual.float()).abs().max().item() <= tolerance
