@@ -174,47 +174,85 @@ def not_any_filter(filters: list[FilterFn]) -> FilterFn:
 
 # ----------------------------------------------------------------------------- the guard
 class AnnotationSnapshot:
-    """What every annotated node looked like before an annotator ran."""
+    """What every annotated node looked like before an annotator ran.
+
+    The snapshot is one flat list (node, annotation, claimed, implicit sharing, output spec,
+    number of input specs, then each input node and spec), so taking it allocates almost
+    nothing however many nodes are annotated; the check compares by identity first.
+    """
 
     def __init__(self, model: GraphModule) -> None:
-        self.entries: dict[Node, tuple] = {}
+        entries: list[Any] = []
+        append = entries.append
         for node in model.graph.nodes:
             annotation = node.meta.get(ANNOTATION_KEY)
             if annotation is not None:
-                self.entries[node] = (
-                    annotation,
-                    dict(annotation.input_qspec_map),
-                    annotation.output_qspec,
-                    annotation._annotated,
-                    annotation.allow_implicit_sharing,
-                )
+                inputs = annotation.input_qspec_map
+                append(node)
+                append(annotation)
+                append(annotation._annotated)
+                append(annotation.allow_implicit_sharing)
+                append(annotation.output_qspec)
+                append(len(inputs))
+                for item in inputs.items():
+                    entries.extend(item)
+        self.entries = entries
 
     def check_only_added(self, who: str) -> None:
         """Raise if an earlier annotation was changed or removed; ``who`` names the annotator."""
-        for node, (old, inputs, output, claimed, sharing) in self.entries.items():
+        entries = self.entries
+        index, size = 0, len(entries)
+        while index < size:
+            node, old, claimed, sharing, output, input_count = entries[index : index + 6]
+            inputs_at = index + 6
+            index = inputs_at + 2 * input_count
             current = node.meta.get(ANNOTATION_KEY)
+            if (
+                current is old
+                and current._annotated is claimed
+                and current.allow_implicit_sharing is sharing
+                and current.output_qspec is output
+                and _same_inputs(current.input_qspec_map, entries, inputs_at, input_count)
+            ):
+                continue  # untouched (or only added to)
             problem = None
             if node.graph is None or current is None:
                 problem = "removed the annotation"
             else:
-                for key, spec in inputs.items():
-                    if key not in current.input_qspec_map:
+                current_inputs = current.input_qspec_map
+                for at in range(inputs_at, index, 2):
+                    key, spec = entries[at], entries[at + 1]
+                    if key not in current_inputs:
                         problem = f"removed the spec of input {key.name!r}"
                         break
-                    if not _same_spec(current.input_qspec_map[key], spec):
+                    if not _same_spec(current_inputs[key], spec):
                         problem = f"changed the spec of input {key.name!r}"
                         break
                 if problem is None and output is not None and not _same_spec(current.output_qspec, output):
                     problem = "changed the output spec"
                 if problem is None and claimed and not current._annotated:
                     problem = "un-claimed the node"
-                if problem is None and sharing != current.allow_implicit_sharing and (inputs or output is not None):
+                if problem is None and sharing != current.allow_implicit_sharing and (input_count or output is not None):
                     problem = "changed allow_implicit_sharing"
             if problem is not None:
                 raise AnnotationConflictError(
                     f"{who} {problem} of node {node.name!r}, which an earlier annotator had set; "
                     f"annotators may add annotations but never change or remove earlier ones"
                 )
+
+
+def _same_inputs(current: dict, entries: list, first: int, count: int) -> bool:
+    """True if ``current`` still maps every recorded input node to the very same spec object."""
+    if len(current) < count:
+        return False
+    get = current.get
+    for at in range(first, first + 2 * count, 2):
+        if get(entries[at], _MISSING) is not entries[at + 1]:
+            return False
+    return True
+
+
+_MISSING = object()
 
 
 def _same_spec(a: Any, b: Any) -> bool:
