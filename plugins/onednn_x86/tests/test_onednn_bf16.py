@@ -103,3 +103,45 @@ def test_bf16_conv_add_relu_becomes_one_binary_conv(tail):
         expected, actual = graph(*example), lowered(*example)
     tolerance = 2 * largest_activation_scale(converted) + 0.02 * expected.float().abs().max().item()
     assert (expected.float() - actual.float()).abs().max().item() <= tolerance
+
+
+class LinearAddRelu(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(16, 16)
+        self.second = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.first(x)
+        return self.head(torch.relu(self.second(y) + y))
+
+
+def test_bf16_linear_add_relu_becomes_one_binary_linear_with_uint8_output():
+    example = (torch.randn(4, 16),)
+    converted = quantize(LinearAddRelu(), example)
+    graph = autocast_bf16(converted, example)
+    lowered = lower(graph, example)
+    assert counters(lowered)["qlinear_binary_matcher_count"] == 1
+    (binary,) = [n for n in lowered.graph.nodes if n.target is onednn.qlinear_pointwise.binary]
+    assert binary.args[10] == torch.uint8 and binary.args[13] == "add" and binary.args[15] == "relu"
+    with torch.no_grad():
+        expected, actual = graph(*example), lowered(*example)
+    tolerance = 2 * largest_activation_scale(converted) + 0.02 * expected.float().abs().max().item()
+    assert (expected.float() - actual.float()).abs().max().item() <= tolerance
+
+
+@pytest.mark.slow
+def test_bf16_graph_compiles_with_qcore_compile():
+    import qcore
+
+    torch._dynamo.reset()
+    example = (torch.randn(4, 16),)
+    graph = autocast_bf16(quantize(LinearAddRelu(), example), example)
+    compiled = qcore.compile(graph, backend="onednn", example_inputs=example)
+    with torch.no_grad():
+        expected = compiled.lowered(*example)
+    actual = compiled(*example)
+    assert actual.dtype == torch.bfloat16
+    assert (expected.float() - actual.float()).abs().max().item() <= 0.02 * expected.float().abs().max().item()
+    torch._dynamo.reset()

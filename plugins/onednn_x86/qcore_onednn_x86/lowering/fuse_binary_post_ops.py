@@ -53,6 +53,7 @@ from qcore_onednn_x86.lowering.post_ops import is_unfused
 qcore_onednn = torch.ops.qcore_onednn
 
 NAME = "fuse_binary_post_ops"
+FLOAT_DTYPES = (torch.float32, torch.bfloat16)
 ADD_OPS = (aten.add.Tensor, aten.add_.Tensor)
 RELU_OPS = (aten.relu.default, aten.relu_.default)
 
@@ -77,7 +78,7 @@ def _can_sum_in_place(other: Node) -> bool:
         and len(other.users) == 1
         and not is_call(other, VIEW_LIKE_OPS)
         and val is not None
-        and val.dtype == torch.float32
+        and val.dtype in FLOAT_DTYPES
     )
 
 
@@ -101,13 +102,15 @@ def _fuse_conv(qop: Node, other: Node, relu: Optional[Node], quant: Any) -> Opti
     )
 
 
-def _fuse_linear(qop: Node, other: Node, relu: Optional[Node], quant: Any) -> Optional[tuple]:
-    if tensor_val(other) is None or tensor_val(other).dtype != torch.float32:
+def _fuse_linear(qop: Node, other: Node, add: Node, relu: Optional[Node], quant: Any) -> Optional[tuple]:
+    # fp32, or bf16 in an int8-mixed-bf16 graph; the fused op writes the add's dtype
+    other_val, add_val = tensor_val(other), tensor_val(add)
+    if other_val is None or add_val is None or other_val.dtype not in FLOAT_DTYPES or other_val.dtype != add_val.dtype:
         return None
     if quant is not None:
         out, binary = [float(quant.scale), int(quant.zero_point), torch.uint8], "add"
     else:
-        out, binary = [1.0, 0, torch.float32], "sum" if _can_sum_in_place(other) else "add"
+        out, binary = [1.0, 0, add_val.dtype], "sum" if _can_sum_in_place(other) else "add"
     target = onednn.qlinear_pointwise.binary_tensor if qop.target is onednn.qlinear_pointwise.tensor else onednn.qlinear_pointwise.binary
     a = list(qop.args)
     # qlinear_pointwise.binary(qx, x_scale, x_zp, packed, w_scale, w_zp, other, bias, o_scale, o_zp,
@@ -140,7 +143,7 @@ def fuse_binary_post_ops(model: GraphModule, context: LoweringContext) -> bool:
         if is_conv:
             fused_call = _fuse_conv(qop, other, relu, quant)
         else:
-            fused_call = _fuse_linear(qop, other, relu, quant)
+            fused_call = _fuse_linear(qop, other, add, relu, quant)
         if fused_call is None:
             continue
         end = quant.node if quant is not None else last
