@@ -130,7 +130,7 @@ def convert_pt2e(
     ...                               ToyLinearQuantizer())
     >>> _ = prepared(*example)
     >>> converted = qcore.convert_pt2e(prepared)
-    >>> sorted({n.target.__name__ for n in converted.graph.nodes if "quantize" in str(n.target)})
+    >>> sorted({n.target.__name__ for n in converted.graph.nodes if n.op == "call_function" and "quantize" in str(n.target)})
     ['dequantize_per_channel.default', 'dequantize_per_tensor.default', 'quantize_per_tensor.default']
     """
     for name, value in (("use_reference_representation", use_reference_representation), ("fold_quantize", fold_quantize)):

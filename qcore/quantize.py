@@ -105,7 +105,13 @@ def quantize(
     measure_latency: bool = True,
     lower: bool = True,
 ) -> QuantizeResult:
-    """Quantize ``model`` for ``backend``; see the module docstring for an example.
+    """Quantize ``model`` for ``backend``: export, annotate, calibrate, convert, lower, report.
+
+    >>> import torch, qcore
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval()
+    >>> result = qcore.quantize(model, (torch.randn(2, 8),), backend="onednn", measure_latency=False)
+    >>> result.lowered(torch.randn(2, 8)).shape
+    torch.Size([2, 8])
 
     ``calibration``: an iterable of batches (default: ``[example_inputs]``). ``config``: a
     ``qcore.QuantizationConfig`` for ``set_global`` (default: the backend quantizer's
