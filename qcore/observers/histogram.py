@@ -525,7 +525,7 @@ class HistogramObserver(ObserverBase):
         return update_hist + moved
 
     def has_observed(self) -> bool:
-        return bool(self.min_val != float("inf"))
+        return self.min_val.item() != math.inf
 
     def reset_min_max_vals(self) -> None:
         """Forget everything observed (histogram and range)."""

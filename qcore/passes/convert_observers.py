@@ -137,6 +137,13 @@ def _dq_kwargs(source: Node) -> dict:
     return {}
 
 
+def _first_value(value: Any, kind: type) -> Any:
+    """The first element of a per-tensor scale or zero point (a tensor, usually of shape [1])."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return kind(value.item())
+    return kind(torch.as_tensor(value).reshape(-1)[0])
+
+
 def _copy_meta(new: Node, source: Node) -> None:
     val = source.meta.get("val")
     if val is not None:
@@ -181,10 +188,18 @@ def _replace_with_qdq(model: GraphModule, node: Node, module: torch.nn.Module, n
                 q = graph.call_function(qd.quantize_per_channel.default, (source, *args))
                 dq = graph.call_function(qd.dequantize_per_channel.default, (q, *args), _dq_kwargs(source))
             else:
-                scale_f, zp_i = float(torch.as_tensor(scale).reshape(-1)[0]), int(torch.as_tensor(zero_point).reshape(-1)[0])
-                args = (scale_f, zp_i, qmin, qmax, dtype)
-                q = graph.call_function(qd.quantize_per_tensor.default, (source, *args))
-                dq = graph.call_function(qd.dequantize_per_tensor.default, (q, *args), _dq_kwargs(source))
+                args = (_first_value(scale, float), _first_value(zero_point, int), qmin, qmax, dtype)
+                # create_node with the name call_function would derive from the target (cheaper)
+                q = graph.create_node(
+                    "call_function", qd.quantize_per_tensor.default, (source, *args), name="quantize_per_tensor_default"
+                )
+                dq = graph.create_node(
+                    "call_function",
+                    qd.dequantize_per_tensor.default,
+                    (q, *args),
+                    _dq_kwargs(source),
+                    name="dequantize_per_tensor_default",
+                )
         elif dtype == torch.float16:
             q = graph.call_function(torch.ops.aten._to_copy.default, (source,), {"dtype": torch.float16})
             dq = graph.call_function(torch.ops.aten._to_copy.default, (q,), {"dtype": torch.float32})
