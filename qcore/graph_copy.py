@@ -22,6 +22,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from qcore.annotation import ANNOTATION_KEY
+from qcore.graph_attrs import attr_value
 from qcore.spec import (
     DerivedQuantizationSpec,
     FixedQParamsQuantizationSpec,
@@ -51,7 +52,7 @@ def copy_graph_module(
     new._modules = {k: _copy_module_tree(v, copy_tensors, cloned) for k, v in gm._modules.items()}
     for node in graph.nodes:
         if node.op == "get_attr" and not _has_attr_path(new, node.target):
-            value = _get_attr_path(gm, node.target)
+            value = attr_value(gm, node.target)
             _set_attr_path(new, node.target, _maybe_clone(value, copy_tensors, cloned))
     new.meta.update(getattr(gm, "meta", {}))
     new.training = gm.training
@@ -104,13 +105,6 @@ def _copy_graph(old: Graph) -> tuple[Graph, dict[Node, Node]]:
     new_output.meta = copy.copy(old_output.meta)
     node_map[old_output] = new_output
     return graph, node_map
-
-
-def _get_attr_path(module: torch.nn.Module, target: str) -> Any:
-    value: Any = module
-    for atom in target.split("."):
-        value = getattr(value, atom)
-    return value
 
 
 def _set_attr_path(root: torch.nn.Module, target: str, value: Any, is_buffer: bool = False) -> None:

@@ -28,6 +28,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qcore.errors import ConvertError
+from qcore.graph_attrs import constant_tensor
 from qcore.passes.insert_observers import OBSERVER_META, QuantizationWarning
 
 from qcore.passes.qdq_ops import qd
@@ -63,15 +64,6 @@ def _has_observed(module: torch.nn.Module) -> bool:
     return True
 
 
-def _constant_of(model: GraphModule, node: Node) -> Any:
-    if node.op != "get_attr":
-        return None
-    value: Any = model
-    for atom in node.target.split("."):
-        value = getattr(value, atom)
-    return value if isinstance(value, torch.Tensor) else None
-
-
 class _QParamNames:
     def __init__(self, model: GraphModule) -> None:
         self.model = model
@@ -97,7 +89,7 @@ def convert_observers(model: GraphModule) -> int:
         module = model.get_submodule(node.target)
         source = node.args[0]
         if not _is_derived(module) and not getattr(module, "is_dynamic", False) and not _has_observed(module):
-            constant = _constant_of(model, source)
+            constant = constant_tensor(model, source)
             if constant is not None and _is_integer_dtype(module):
                 module(constant)
             elif _is_integer_dtype(module):

@@ -17,11 +17,12 @@ folded tensors are new, the user's are untouched.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
+from qcore.graph_attrs import constant_tensor, drop_attr
 from qcore.passes.conv_bn_patterns import (
     batch_norm_kinds,
     batch_norm_output,
@@ -31,15 +32,6 @@ from qcore.passes.conv_bn_patterns import (
 )
 
 aten = torch.ops.aten
-
-
-def _tensor(model: GraphModule, node: Any) -> Optional[torch.Tensor]:
-    if not isinstance(node, Node) or node.op != "get_attr":
-        return None
-    value: Any = model
-    for atom in node.target.split("."):
-        value = getattr(value, atom)
-    return value if isinstance(value, torch.Tensor) else None
 
 
 def _is_training(bn: Node) -> bool:
@@ -63,13 +55,6 @@ def _fake_like(reference: Node, value: torch.Tensor) -> Any:
     return mode.from_tensor(value, static_shapes=True) if mode is not None else value.to("meta")
 
 
-def _drop_attr(model: GraphModule, target: str) -> None:
-    owner_path, _, name = target.rpartition(".")
-    owner = model.get_submodule(owner_path) if owner_path else model
-    owner._parameters.pop(name, None)
-    owner._buffers.pop(name, None)
-
-
 def fold_batch_norm(model: GraphModule) -> bool:
     """Fold every foldable eval-mode conv -> batch_norm in place; returns True if any was."""
     graph = model.graph
@@ -86,9 +71,9 @@ def fold_batch_norm(model: GraphModule) -> bool:
         conv, args = match.conv, match.bn_args
         weight_node = conv.args[1]
         bias_node = conv.args[2] if len(conv.args) > 2 else None
-        weight = _tensor(model, weight_node)
-        bias = _tensor(model, bias_node)
-        running_mean, running_var = _tensor(model, args.running_mean), _tensor(model, args.running_var)
+        weight = constant_tensor(model, weight_node)
+        bias = constant_tensor(model, bias_node)
+        running_mean, running_var = constant_tensor(model, args.running_mean), constant_tensor(model, args.running_var)
         if (
             out is None
             or weight is None
@@ -102,8 +87,8 @@ def fold_batch_norm(model: GraphModule) -> bool:
         folded_weight, folded_bias = fold_weight_and_bias(
             weight,
             bias,
-            _tensor(model, args.weight),
-            _tensor(model, args.bias),
+            constant_tensor(model, args.weight),
+            constant_tensor(model, args.bias),
             running_mean,
             running_var,
             args.eps,
@@ -137,7 +122,7 @@ def fold_batch_norm(model: GraphModule) -> bool:
                 graph.erase_node(old)
                 readers[old.target] -= 1
                 if readers[old.target] == 0:
-                    _drop_attr(model, old.target)
+                    drop_attr(model, old.target)
         changed = True
     if changed:
         graph.lint()

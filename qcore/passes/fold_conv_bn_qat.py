@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 from torch.fx import GraphModule, Node
 
+from qcore.graph_attrs import constant_tensor, drop_attr
 from qcore.passes.conv_bn_patterns import (
     ConvertedQatConvBn,
     batch_norm_kind,
@@ -71,24 +72,15 @@ def fold_conv_bn_qat(model: GraphModule) -> bool:
 
 
 # ----------------------------------------------------------------------------- reading
-def _attr(model: GraphModule, node: Any) -> Optional[torch.Tensor]:
-    if not isinstance(node, Node) or node.op != "get_attr":
-        return None
-    value: Any = model
-    for atom in node.target.split("."):
-        value = getattr(value, atom, None)
-    return value if isinstance(value, torch.Tensor) else None
-
-
 def _read_tensors(model: GraphModule, match: ConvertedQatConvBn) -> Optional[dict[str, Optional[torch.Tensor]]]:
     args = match.bn_args
     tensors = {
-        "weight": _attr(model, match.weight),
-        "bias": _attr(model, match.conv_bias),
-        "bn_weight": _attr(model, args.weight),
-        "bn_bias": _attr(model, args.bias),
-        "running_mean": _attr(model, args.running_mean),
-        "running_var": _attr(model, args.running_var),
+        "weight": constant_tensor(model, match.weight),
+        "bias": constant_tensor(model, match.conv_bias),
+        "bn_weight": constant_tensor(model, args.weight),
+        "bn_bias": constant_tensor(model, args.bias),
+        "running_mean": constant_tensor(model, args.running_mean),
+        "running_var": constant_tensor(model, args.running_var),
     }
     required = ["weight", "running_mean", "running_var"]
     required += [name for name, node in (("bias", match.conv_bias), ("bn_weight", args.weight), ("bn_bias", args.bias)) if node is not None]
@@ -250,9 +242,4 @@ def _erase_dead(model: GraphModule, candidates: list[Node]) -> None:
 def _drop_attr(model: GraphModule, target: str) -> None:
     if any(n.op == "get_attr" and n.target == target for n in model.graph.nodes):
         return
-    try:
-        owner, name = _owner_and_name(model, target)
-    except AttributeError:
-        return
-    owner._parameters.pop(name, None)
-    owner._buffers.pop(name, None)
+    drop_attr(model, target)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from qcore.graph_attrs import attr_value, drop_attr
 from qcore.passes.qdq_ops import is_quantize
 
 
@@ -27,10 +28,7 @@ def _value(model: GraphModule, node: Any) -> Any:
         return node
     if node.op != "get_attr":
         raise LookupError
-    value: Any = model
-    for atom in node.target.split("."):
-        value = getattr(value, atom)
-    return value
+    return attr_value(model, node.target)
 
 
 def fold_weight_quantize(model: GraphModule) -> bool:
@@ -64,17 +62,8 @@ def fold_weight_quantize(model: GraphModule) -> bool:
             graph.erase_node(weight)
             attr_readers[target] -= 1
             if attr_readers[target] == 0:
-                _drop_attr(model, target)
+                drop_attr(model, target)
         changed = True
     return changed
 
 
-def _drop_attr(model: GraphModule, target: str) -> None:
-    owner_path, _, name = target.rpartition(".")
-    owner = model.get_submodule(owner_path) if owner_path else model
-    for table in (owner._parameters, owner._buffers):
-        if name in table:
-            del table[name]
-            return
-    if hasattr(owner, name):
-        delattr(owner, name)
