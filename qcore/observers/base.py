@@ -387,11 +387,11 @@ class ObserverOrFakeQuantizeBase(torch.nn.Module):
 
     def has_observed(self) -> bool:
         """True once the module saw data it can compute qparams from."""
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every observer class overrides it
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` from what was observed."""
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every observer class overrides it
 
 
 def _non_finite_kind(*values: torch.Tensor) -> str:
