@@ -394,6 +394,15 @@ class ObserverOrFakeQuantizeBase(torch.nn.Module):
         raise NotImplementedError  # abstract: every observer class overrides it
 
 
+def resize_before_loading(module: torch.nn.Module, state_dict: dict, prefix: str, names: tuple) -> None:
+    """Resize buffers whose shape is only known after the first forward (per-channel min/max,
+    qparams) to the shapes in ``state_dict``, so a calibrated state dict loads."""
+    for name in names:
+        key = prefix + name
+        if key in state_dict:
+            getattr(module, name).resize_(state_dict[key].shape)
+
+
 def _non_finite_kind(*values: torch.Tensor) -> str:
     has_nan = any(bool(torch.isnan(v).any()) for v in values)
     has_inf = any(bool(torch.isinf(v).any()) for v in values)

@@ -30,6 +30,7 @@ from qcore.observers.base import (
     SYMMETRIC_QSCHEMES,
     ObserverOrFakeQuantizeBase,
     _non_finite_kind,
+    resize_before_loading,
     to_plain_dtype,
 )
 from qcore.observers.fixed_qparams import FixedQParamsObserver
@@ -168,11 +169,7 @@ class FakeQuantize(ObserverOrFakeQuantizeBase):
         unexpected_keys: list,
         error_msgs: list,
     ) -> None:
-        # per-channel qparams change shape after the first forward: resize before loading
-        for name in ("scale", "zero_point"):
-            key = prefix + name
-            if key in state_dict:
-                getattr(self, name).resize_(state_dict[key].shape)
+        resize_before_loading(self, state_dict, prefix, ("scale", "zero_point"))  # per-channel shapes
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

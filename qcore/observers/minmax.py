@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from qcore.observers.base import DEFAULT_EPS, PER_CHANNEL_QSCHEMES, ObserverBase
+from qcore.observers.base import DEFAULT_EPS, PER_CHANNEL_QSCHEMES, ObserverBase, resize_before_loading
 
 __all__ = [
     "MinMaxObserver",
@@ -248,11 +248,7 @@ class PerChannelMinMaxObserver(ObserverBase):
         unexpected_keys: list,
         error_msgs: list,
     ) -> None:
-        # The buffers start empty: resize them so a calibrated state dict loads.
-        for name in ("min_val", "max_val"):
-            key = prefix + name
-            if key in state_dict:
-                getattr(self, name).resize_(state_dict[key].shape)
+        resize_before_loading(self, state_dict, prefix, ("min_val", "max_val"))  # buffers start empty
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

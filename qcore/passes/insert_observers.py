@@ -295,11 +295,7 @@ class _SharingGroups:
                 module = _derived_module(spec, sources)
             else:
                 module = create_obs_or_fq(spec, is_qat)
-            if hasattr(module, "node_name") or isinstance(module, torch.nn.Module):
-                try:
-                    module.node_name = _describe(root)
-                except AttributeError:
-                    pass
+            module.node_name = _describe(root)  # named in calibration and convert messages
             created[root] = module
             building.discard(root)
             return module
