@@ -22,6 +22,17 @@ torch.Size([2, 4])
 Calibration batches are a tensor or a tuple of the model's positional inputs; extra trailing
 items (labels from a ``DataLoader``) are ignored. Their shapes must match ``example_inputs``
 except in the dimensions ``dynamic_shapes`` makes dynamic.
+
+Quantization-aware training fine-tunes a copy of the model with fake quantization before
+converting: ``qat=True`` with ``qat_epochs`` (the built-in loop over batches of ``(x, target)``)
+or with ``train_fn`` (your own loop); see :func:`quantize` and ``qcore.qat_training``.
+
+>>> torch.manual_seed(0) and None
+>>> data = [(torch.randn(16, 8), torch.randint(0, 4, (16,))) for _ in range(4)]
+>>> result = qcore.quantize(model, data[0][:1], backend="onednn", qat=True, qat_epochs=2, qat_lr=1e-3,
+...                         calibration=data, measure_latency=False)
+>>> result.report.training.epochs, len(result.report.training.epoch_losses)
+(2, 2)
 """
 
 from __future__ import annotations
@@ -104,8 +115,12 @@ def quantize(
     progress: Optional[ProgressFn] = None,
     measure_latency: bool = True,
     lower: bool = True,
+    train_fn: Optional[Callable[[GraphModule], None]] = None,
+    qat_epochs: Optional[int] = None,
+    qat_lr: Optional[float] = None,
+    loss_fn: Optional[Callable[..., torch.Tensor]] = None,
 ) -> QuantizeResult:
-    """Quantize ``model`` for ``backend``: export, annotate, calibrate, convert, lower, report.
+    """Quantize ``model`` for ``backend``: export, annotate, calibrate (or train), convert, lower, report.
 
     >>> import torch, qcore
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval()
@@ -115,17 +130,31 @@ def quantize(
 
     ``calibration``: an iterable of batches (default: ``[example_inputs]``). ``config``: a
     ``qcore.QuantizationConfig`` for ``set_global`` (default: the backend quantizer's
-    ``default_config()``). ``qat=True`` prepares for quantization-aware training and runs the
-    batches through the fake-quantized model in train mode (to fine-tune, use
-    ``qcore.prepare_qat_pt2e`` directly). ``dynamic_shapes`` goes to ``torch.export.export``.
-    ``lower=False`` skips lowering; ``measure_latency=False`` skips timing; ``progress`` wraps
-    each stage's iterable (e.g. in a tqdm bar).
+    ``default_config()``). ``dynamic_shapes`` goes to ``torch.export.export``. ``lower=False``
+    skips lowering; ``measure_latency=False`` skips timing; ``progress`` wraps each stage's
+    iterable (e.g. in a tqdm bar).
+
+    ``qat=True``: quantization-aware training of a copy of the model (exported in train mode,
+    fake-quantized with the backend's QAT config), then convert. Give exactly one of:
+
+    * ``train_fn``: ``train_fn(prepared)`` runs your training loop on the prepared module (in
+      train mode) and returns None; ``calibration`` must then be None.
+    * ``qat_epochs``: the built-in loop, ``qat_epochs`` passes over ``calibration``, whose
+      batches are the inputs followed by the target(s) (``(x, y)``): Adam with ``qat_lr``
+      (default ``qcore.qat_training.DEFAULT_QAT_LR``), ``loss_fn(output, *targets)`` (default
+      cross-entropy); from 2 epochs on, the last runs with ranges and batch norm frozen.
+
+    ``result.report.training`` then records what ran (epochs, loss per epoch, final loss).
+    Bad combinations raise ``qcore.qat_training.QATError`` naming the problem.
     The user's model is not changed.
     """
     import qcore
+    from qcore.graph_copy import copy_graph_module
     from qcore.plugin_manager import get_plugin_manager
+    from qcore.qat_training import check_qat_options, run_builtin_loop, run_train_fn
     from qcore.report import build_report
 
+    check_qat_options(qat, train_fn, qat_epochs, qat_lr, loss_fn, calibration)
     progress = progress or _no_progress
     manager = get_plugin_manager()
     backend_record = manager.get_backend(backend)  # unknown or unavailable: a clear error now
@@ -137,24 +166,39 @@ def quantize(
         exported = export_model(model, example_inputs, dynamic_shapes=dynamic_shapes, training=qat)
     expected = _input_shapes(exported)
 
+    training = None
+    sample: Optional[tuple] = None
     if qat:
-        prepared = qcore.prepare_qat_pt2e(exported, quantizer)
+        prepared = qcore.prepare_qat_pt2e(exported, quantizer)  # a copy: the user's tensors are not trained
+        # The float reference for the report: the same graph in eval mode, so running it does
+        # not update batch-norm statistics (its tensors are the user's model's).
+        exported, _ = copy_graph_module(exported, copy_tensors=False)
+        qcore.move_exported_model_to_eval(exported)
+        if train_fn is not None:
+            training = run_train_fn(prepared, train_fn)
+        else:
+            def split_batch(batch: Any, index: int) -> tuple:
+                inputs, targets = _batch_inputs_and_targets(batch, len(expected), index)
+                _check_shapes(inputs, expected, index)
+                return inputs, targets
+
+            training, sample = run_builtin_loop(
+                prepared, calibration, qat_epochs, qat_lr, loss_fn, split_batch, progress
+            )
+        qcore.move_exported_model_to_eval(prepared)
     else:
         prepared = qcore.prepare_pt2e(exported, quantizer)
-    batches = [example_inputs] if calibration is None else calibration
-    sample: Optional[tuple] = None
-    count = 0
-    with torch.set_grad_enabled(qat):
-        for index, batch in enumerate(progress(batches, "calibrate")):
-            inputs = _batch_inputs(batch, len(expected), index)
-            _check_shapes(inputs, expected, index)
-            prepared(*inputs)
-            sample = sample or inputs
-            count += 1
-    if count == 0:
-        raise QuantizeError("calibration is empty: give at least one batch (or calibration=None to use example_inputs)")
-    if qat:
-        qcore.move_exported_model_to_eval(prepared)
+        batches = [example_inputs] if calibration is None else calibration
+        count = 0
+        with torch.no_grad():
+            for index, batch in enumerate(progress(batches, "calibrate")):
+                inputs = _batch_inputs(batch, len(expected), index)
+                _check_shapes(inputs, expected, index)
+                prepared(*inputs)
+                sample = sample or inputs
+                count += 1
+        if count == 0:
+            raise QuantizeError("calibration is empty: give at least one batch (or calibration=None to use example_inputs)")
     converted = qcore.convert_pt2e(prepared)
 
     lowered = None
@@ -163,7 +207,7 @@ def quantize(
             lowered = qcore.lower(converted, backend=backend, example_inputs=example_inputs)
     report = build_report(
         exported, converted, lowered, backend=backend, sample_inputs=sample or example_inputs,
-        measure_latency=measure_latency,
+        measure_latency=measure_latency, training=training,
     )
     return QuantizeResult(
         converted=converted, lowered=lowered, exported=exported, report=report, backend=backend,
@@ -204,6 +248,19 @@ def _batch_inputs(batch: Any, n_inputs: int, index: int) -> tuple:
             f"calibration batch {index}: expected {n_inputs} input(s) like example_inputs, got {len(batch)}"
         )
     return tuple(batch[:n_inputs])  # trailing items (labels) are ignored
+
+
+def _batch_inputs_and_targets(batch: Any, n_inputs: int, index: int) -> tuple:
+    """``(inputs, targets)`` of a QAT batch: the model's inputs, then at least one target."""
+    from qcore.qat_training import QATError
+
+    if not isinstance(batch, (tuple, list)) or len(batch) <= n_inputs:
+        got = f"a tuple of {len(batch)} item(s)" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
+        raise QATError(
+            f"QAT batch {index}: the built-in loop needs the model's {n_inputs} input(s) followed by the target(s) "
+            f"for loss_fn, e.g. (x, y); got {got}. Make the calibration batches carry targets, or pass train_fn"
+        )
+    return tuple(batch[:n_inputs]), tuple(batch[n_inputs:])
 
 
 def _shape_text(shape: Any) -> str:

@@ -6,6 +6,8 @@ against the same node of the float program (the converted graph keeps the export
 names, so nodes pair by name); the model-level SQNR; float vs quantized latency; and, when the
 model was lowered, which kernels it runs (integer kernels vs float ops). ``write(directory)``
 writes ``report.md`` and ``sqnr.png`` (a bar chart of per-node SQNR, matplotlib's Agg backend).
+After quantization-aware training (``qcore.quantize(qat=True)``) ``report.training`` says how the
+model was trained (epochs, learning rate, loss per epoch; or the user's ``train_fn``).
 
 >>> import torch, qcore
 >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Sigmoid()).eval()
@@ -31,7 +33,7 @@ from qcore.annotation import ANNOTATION_KEY
 from qcore.coverage import QUANTIZABLE_OPS
 from qcore.passes.qdq_ops import is_dequantize, is_quantize
 
-__all__ = ["NodeReport", "KernelCount", "QuantizationReport", "build_report", "sqnr_db", "time_model"]
+__all__ = ["NodeReport", "KernelCount", "TrainingSummary", "QuantizationReport", "build_report", "sqnr_db", "time_model"]
 
 INTEGER_KERNEL_NAMESPACES = ("onednn", "quantized", "qcore_onednn")
 _SKIPPED_TARGETS = ("getitem",)
@@ -69,9 +71,52 @@ class KernelCount:
     count: int
 
 
+@attrs.frozen
+class TrainingSummary:
+    """How quantization-aware training ran: ``method`` is "built-in loop" or "train_fn".
+
+    For the built-in loop: ``epochs``, Adam's ``lr``, the ``loss_fn`` name, the mean training
+    loss of each epoch and whether the last epoch ran with ranges and batch-norm frozen; for a
+    ``train_fn``: its name (what it did is the user's).
+
+    >>> TrainingSummary("built-in loop", epochs=2, lr=1e-4, optimizer="Adam", loss_fn="cross_entropy",
+    ...                 epoch_losses=(0.5, 0.25), batches_per_epoch=10).describe()
+    'built-in loop: 2 epochs of 10 batches, Adam lr 0.0001, loss cross_entropy per epoch 0.5000 -> 0.2500 (final 0.2500)'
+    """
+
+    method: str
+    epochs: Optional[int] = None
+    lr: Optional[float] = None
+    optimizer: Optional[str] = None
+    loss_fn: Optional[str] = None
+    epoch_losses: tuple = ()
+    batches_per_epoch: Optional[int] = None
+    frozen_last_epoch: bool = False
+    train_fn: Optional[str] = None
+
+    @property
+    def final_loss(self) -> Optional[float]:
+        """The mean training loss of the last epoch (None for a ``train_fn``)."""
+        return self.epoch_losses[-1] if self.epoch_losses else None
+
+    def describe(self) -> str:
+        if self.method == "train_fn":
+            return f"your train_fn {self.train_fn} fine-tuned the fake-quantized model"
+        losses = " -> ".join(f"{value:.4f}" for value in self.epoch_losses)
+        text = (
+            f"built-in loop: {self.epochs} epoch{'s' if self.epochs != 1 else ''} of {self.batches_per_epoch} batches, "
+            f"{self.optimizer} lr {self.lr:g}, loss {self.loss_fn} per epoch {losses} (final {self.final_loss:.4f})"
+        )
+        if self.frozen_last_epoch:
+            text += "; last epoch with ranges and batch norm frozen"
+        return text
+
+
 @attrs.define
 class QuantizationReport:
-    """The report; see the module docstring. ``accuracy`` is ``{"float": x, "quantized": y}`` when given."""
+    """The report; see the module docstring. ``accuracy`` is ``{"float": x, "quantized": y}`` when
+    given (more keys: further rows of the quantized column, e.g. ``"quantized without QAT"``).
+    ``training``: a :class:`TrainingSummary` when the model was trained with QAT, else None."""
 
     backend: str
     nodes: list
@@ -81,6 +126,7 @@ class QuantizationReport:
     latency_ms: dict = attrs.field(factory=dict)
     accuracy: dict = attrs.field(factory=dict)
     title: str = "qcore quantization report"
+    training: Optional[TrainingSummary] = None
 
     @property
     def speedup(self) -> Optional[float]:
@@ -92,6 +138,8 @@ class QuantizationReport:
     def explain(self) -> str:
         """Plain text: which ops run as integer kernels and which stay float, and why."""
         lines = [f"backend {self.backend}:"]
+        if self.training is not None:
+            lines.append(f"  quantization-aware training: {self.training.describe()}")
         integer = [k for k in self.kernels if k.kind == "integer kernel"]
         floats = [k for k in self.kernels if k.kind == "float"]
         if self.kernels:
@@ -104,9 +152,14 @@ class QuantizationReport:
 
     def to_markdown(self, chart: Optional[str] = None) -> str:
         lines = [f"# {self.title}", "", f"Backend: `{self.backend}`", ""]
+        if self.training is not None:
+            lines += [f"Quantization-aware training: {self.training.describe()}.", ""]
         lines += ["## Summary", "", "| measure | float | quantized |", "| --- | --- | --- |"]
         if self.accuracy:
             lines.append(f"| accuracy | {self.accuracy['float']:.2%} | {self.accuracy['quantized']:.2%} |")
+            for key, value in self.accuracy.items():
+                if key not in ("float", "quantized"):
+                    lines.append(f"| accuracy, {key} | - | {value:.2%} |")
         if self.latency_ms:
             lines.append(f"| latency (ms per batch) | {self.latency_ms['float']:.3f} | {self.latency_ms['quantized']:.3f} |")
         lines.append("")
@@ -285,8 +338,11 @@ def build_report(
     backend: str,
     sample_inputs: tuple,
     measure_latency: bool = True,
+    training: Optional[TrainingSummary] = None,
 ) -> QuantizationReport:
-    """Compare ``converted`` (and ``lowered``) with the float ``exported`` program on ``sample_inputs``."""
+    """Compare ``converted`` (and ``lowered``) with the float ``exported`` program on ``sample_inputs``
+    (``exported`` must be in eval mode: it is run, and a train-mode graph would update batch-norm
+    statistics). ``training``: how QAT trained the model, if it did."""
     nodes = classify_nodes(exported, converted, backend)
     float_result, float_outputs = _record(exported, sample_inputs)
     quant_result, quant_outputs = _record(converted, sample_inputs)
@@ -299,7 +355,7 @@ def build_report(
         with_sqnr.append(attrs.evolve(node, sqnr_db=value))
     reference, actual = _first_tensor(float_result), _first_tensor(quant_result)
     model_sqnr = sqnr_db(reference, actual) if reference is not None and actual is not None else None
-    report = QuantizationReport(backend=backend, nodes=with_sqnr, model_sqnr_db=model_sqnr)
+    report = QuantizationReport(backend=backend, nodes=with_sqnr, model_sqnr_db=model_sqnr, training=training)
     if lowered is not None:
         report.kernels = count_kernels(lowered, sample_inputs)
         report.lowering_counters = dict(lowered.meta.get("qcore_lowered", {}).get("counters", {}))

@@ -85,8 +85,10 @@ def test_quantize_xnnpack_uses_its_per_channel_default_config():
 
 def test_quantize_qat_runs_and_converts():
     model = SmallCNN()
-    result = qcore.quantize(model, batches(1)[0], backend="onednn", calibration=batches(2), qat=True, measure_latency=False)
+    labelled = [(x, torch.randint(0, 10, (4,))) for (x,) in batches(2)]
+    result = qcore.quantize(model, batches(1)[0], backend="onednn", calibration=labelled, qat=True, qat_epochs=1, measure_latency=False)
     assert result.lowered(*batches(1)[0]).shape == (4, 10)
+    assert result.report.training.epochs == 1 and len(result.report.training.epoch_losses) == 1
 
 
 def test_unknown_backend_lists_installed():
