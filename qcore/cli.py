@@ -5,7 +5,10 @@
     qcore demo               train a small CNN on the digits data set, quantize it (onednn, or
                              xnnpack), print float vs int8 accuracy and latency, write a report
     qcore demo --quantizer Q the step-by-step MLP walkthrough with quantizer Q (auto, xnnpack, toy)
+    qcore demo --qat         the digits demo, plus quantization-aware training next to PTQ
     qcore quantize PKG.MODULE:FACTORY --calibration PKG.MODULE:LOADER --out model.pt2 [--report DIR]
+    qcore quantize ... --qat [--qat-epochs N] [--qat-lr X] [--qat-loss L]
+                             quantization-aware training on the LOADER's (inputs..., target) batches
     qcore explain PKG.MODULE:FACTORY [--calibration ...]   which ops become integer kernels, and why
     qcore --debug ...        show the full traceback of an error
 
@@ -165,7 +168,9 @@ def run_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return run_mlp_walkthrough(args, out, err)
     from qcore.demo import run_digits_demo
 
-    run_digits_demo(report_dir=args.report, backend=args.backend, seed=args.seed, out=out, progress=_progress(args))
+    run_digits_demo(
+        report_dir=args.report, backend=args.backend, seed=args.seed, out=out, progress=_progress(args), qat=args.qat
+    )
     return EXIT_OK
 
 
@@ -186,7 +191,8 @@ def _progress(args: argparse.Namespace) -> Any:
     stream = sys.stderr
 
     def progress(iterable: Any, desc: str) -> Any:
-        return tqdm(iterable, desc=desc, unit="batch" if desc == "calibrate" else "step", file=stream, leave=False)
+        unit = "batch" if desc == "calibrate" or desc.startswith("QAT epoch") else "step"
+        return tqdm(iterable, desc=desc, unit=unit, file=stream, leave=False)
 
     return progress
 
@@ -236,8 +242,24 @@ def _call(spec: str, what: str) -> Any:
         raise CliError(f"{what}: {spec}() raised {type(exc).__name__}: {exc}") from exc
 
 
+class _ReloadingBatches:
+    """Batches for several QAT epochs from a loader that returned a one-shot iterator (a generator):
+    the first epoch reads ``first``, each later one calls the loader again."""
+
+    def __init__(self, first: Any, loader: Any) -> None:
+        self._first = first
+        self._loader = loader
+
+    def __iter__(self) -> Iterator[Any]:
+        first, self._first = self._first, None
+        return iter(first) if first is not None else iter(self._loader())
+
+
 def _model_and_inputs(args: argparse.Namespace) -> tuple:
-    """(model, example_inputs, calibration batches or None) from the command's specs."""
+    """(model, example_inputs, calibration batches or None) from the command's specs.
+
+    With ``--qat`` each batch is the model's inputs followed by the target, kept for training.
+    """
     import itertools
 
     import torch
@@ -258,10 +280,21 @@ def _model_and_inputs(args: argparse.Namespace) -> tuple:
         first = next(iterator, None)
         if first is None:
             raise CliError(f"calibration loader: {args.calibration}() gave no batches")
-        calibration = itertools.chain([first], iterator)
+        if args.qat and (not isinstance(first, (tuple, list)) or len(first) < 2):
+            raise CliError(
+                f"--qat trains on the calibration batches, so each must be (inputs..., target); "
+                f"{args.calibration}() gave a {type(first).__name__}"
+                + (f" of {len(first)} item(s)" if isinstance(first, (tuple, list)) else "")
+            )
+        if iterator is not batches:  # a list or a DataLoader: it can be read again, from the start
+            calibration = batches
+        elif args.qat:
+            calibration = _ReloadingBatches(itertools.chain([first], iterator), lambda: _call(args.calibration, "calibration loader"))
+        else:
+            calibration = itertools.chain([first], iterator)
         if example_inputs is None:
             example_inputs = (first,) if isinstance(first, torch.Tensor) else tuple(first)
-            if args.calibration_has_labels:
+            if args.calibration_has_labels or args.qat:
                 example_inputs = example_inputs[:-1]
     if example_inputs is None:
         raise CliError(
@@ -326,14 +359,24 @@ def _quantize_from_args(args: argparse.Namespace) -> Any:
     from qcore.plugin_manager import get_plugin_manager
 
     get_plugin_manager().get_backend(args.backend)  # an unknown backend fails before any work
+    if args.qat and not args.calibration:
+        raise CliError("--qat trains on the calibration batches: give --calibration PKG.MODULE:LOADER yielding (inputs..., target)")
     model, example_inputs, calibration = _model_and_inputs(args)
-    if calibration is not None and args.calibration_has_labels:
+    if calibration is not None and args.calibration_has_labels and not args.qat:
         calibration = (batch[:-1] for batch in calibration)
+    qat_options: dict = {}
+    if args.qat:
+        import torch
+
+        losses = {"cross_entropy": torch.nn.functional.cross_entropy, "mse": torch.nn.functional.mse_loss}
+        qat_options = dict(
+            qat=True, qat_epochs=args.qat_epochs or 1, qat_lr=args.qat_lr, loss_fn=losses[args.qat_loss or "cross_entropy"]
+        )
     progress = _progress(args)
     with _quiet_torch_output(not args.debug):  # an export failure is reported in one line instead
         return qcore.quantize(
             model, example_inputs, backend=args.backend, calibration=calibration,
-            dynamic_shapes=_dynamic_batch(example_inputs, args.dynamic_batch), progress=progress,
+            dynamic_shapes=_dynamic_batch(example_inputs, args.dynamic_batch), progress=progress, **qat_options,
         )
 
 
@@ -368,6 +411,8 @@ def run_quantize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             raise
     report = result.report
     quantized = sum(1 for node in report.nodes if node.quantized)
+    if report.training is not None:
+        out.write(f"quantization-aware training: {report.training.describe()}\n")
     out.write(f"quantized for {args.backend}: {quantized} of {len(report.nodes)} compute nodes run on int8 inputs\n")
     if report.model_sqnr_db is not None:
         out.write(f"model output SQNR vs float: {report.model_sqnr_db:.1f} dB\n")
@@ -433,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="instead: the step-by-step MLP walkthrough with xnnpack, toy (built in), or auto",
     )
+    demo.add_argument(
+        "--qat", action="store_true",
+        help="also fine-tune with quantization-aware training (2 epochs, a few seconds) and print its accuracy next to PTQ",
+    )
     demo.add_argument("--batches", type=_positive_int, default=8, help="walkthrough calibration batches (default 8)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(run=run_demo)
@@ -451,6 +500,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--calibration-has-labels", action="store_true", help="each batch ends with a label to drop")
         sub.add_argument("--dynamic-batch", action="store_true", help="make dimension 0 of every input dynamic")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        qat = sub.add_argument_group(
+            "quantization-aware training",
+            "fine-tune a fake-quantized copy of the model on the --calibration batches, each (inputs..., target), then convert",
+        )
+        qat.add_argument("--qat", action="store_true", help="quantization-aware training instead of calibration only")
+        qat.add_argument("--qat-epochs", type=_positive_int, metavar="N", help="passes over the batches (default 1)")
+        qat.add_argument("--qat-lr", type=_positive_float, metavar="X", help="Adam's learning rate (default 1e-4)")
+        qat.add_argument(
+            "--qat-loss", choices=("cross_entropy", "mse"), help="loss of (output, target) (default cross_entropy)"
+        )
         if name == "quantize":
             sub.add_argument("--out", required=True, metavar="FILE", help="where to write the quantized program (.pt2)")
             sub.add_argument("--report", metavar="DIR", help="also write report.md and sqnr.png into DIR")
@@ -466,6 +525,27 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _usage_problem(args: argparse.Namespace) -> Optional[str]:
+    """A combination of arguments that cannot work (exit code 2), or None."""
+    if getattr(args, "command", None) in ("quantize", "explain") and not args.qat:
+        given = [flag for flag, value in (("--qat-epochs", args.qat_epochs), ("--qat-lr", args.qat_lr), ("--qat-loss", args.qat_loss)) if value is not None]
+        if given:
+            return f"{', '.join(given)} configure{'s' if len(given) == 1 else ''} quantization-aware training: add --qat"
+    return None
 
 
 def _silence_stdout() -> None:
@@ -487,6 +567,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_usage(sys.stderr)
         sys.stderr.write("qcore: error: missing command; choose one of: plugins, demo, quantize, explain (see `qcore --help`)\n")
+        return EXIT_USAGE
+    problem = _usage_problem(args)
+    if problem:
+        sys.stderr.write(f"qcore {args.command}: error: {problem}\n")
         return EXIT_USAGE
     try:
         return args.run(args, sys.stdout, sys.stderr)

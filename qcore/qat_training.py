@@ -18,6 +18,7 @@ qcore.qat_training.QATError: qat_epochs given but qat=False: it configures quant
 
 from __future__ import annotations
 
+import collections.abc
 import math
 from typing import Any, Callable, Iterable, Optional
 
@@ -97,7 +98,7 @@ def check_qat_options(
             f"qat_epochs={qat_epochs} trains on the calibration batches, but calibration is None: pass "
             f"calibration=[(inputs..., target), ...] (a list, or a DataLoader yielding (x, y))"
         )
-    if qat_epochs > 1 and iter(calibration) is calibration:
+    if qat_epochs > 1 and isinstance(calibration, collections.abc.Iterator):  # checked without starting it
         raise QATError(
             f"qat_epochs={qat_epochs} goes over calibration {qat_epochs} times, but calibration is a one-shot "
             f"iterator ({type(calibration).__name__}): pass a list or a DataLoader, or qat_epochs=1"

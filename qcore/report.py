@@ -164,7 +164,8 @@ class QuantizationReport:
             lines.append(f"| latency (ms per batch) | {self.latency_ms['float']:.3f} | {self.latency_ms['quantized']:.3f} |")
         lines.append("")
         if self.model_sqnr_db is not None:
-            lines.append(f"Model output SQNR vs float: {_db(self.model_sqnr_db)}")
+            against = " (the float model before QAT: training moved the weights)" if self.training is not None else ""
+            lines.append(f"Model output SQNR vs float{against}: {_db(self.model_sqnr_db)}")
         if self.speedup is not None:
             lines.append(f"Speedup (float / quantized latency): {self.speedup:.2f}x")
         quantized = sum(1 for n in self.nodes if n.quantized)

@@ -261,3 +261,19 @@ def test_diverging_or_non_scalar_loss_is_an_error():
     per_sample = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
     with pytest.raises(QATError, match=r"loss_fn <lambda> must return a scalar tensor, got a tensor of shape \(8,\)"):
         qcore.quantize(Small(), X, qat=True, qat_epochs=1, calibration=small_batches(), loss_fn=per_sample, measure_latency=False)
+
+
+def test_a_reiterable_is_read_once_per_epoch():
+    class Epochs:
+        """A re-iterable like a DataLoader: counts how often it is started."""
+
+        def __init__(self) -> None:
+            self.started = 0
+
+        def __iter__(self):
+            self.started += 1
+            return iter(small_batches())
+
+    data = Epochs()
+    result = qcore.quantize(Small(), X, qat=True, qat_epochs=3, calibration=data, measure_latency=False)
+    assert data.started == 3 and result.report.training.batches_per_epoch == 3
