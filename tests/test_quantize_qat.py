@@ -277,3 +277,17 @@ def test_a_reiterable_is_read_once_per_epoch():
     data = Epochs()
     result = qcore.quantize(Small(), X, qat=True, qat_epochs=3, calibration=data, measure_latency=False)
     assert data.started == 3 and result.report.training.batches_per_epoch == 3
+
+
+def test_readme_qat_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    example = next(block for block in blocks if "qat_epochs=" in block)
+    namespace: dict = {}
+    exec(compile(example, "README.md QAT example", "exec"), namespace)
+    losses = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"\(([\d.]+, ){2}[\d.]+\)", losses), losses
+    assert namespace["result"].report.training.method == "train_fn"
