@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--calibration", metavar="PKG.MODULE:LOADER",
             help="a callable returning an iterable of batches (a tensor or a tuple of inputs)",
         )
-        sub.add_argument("--calibration-has-labels", action="store_true", help="each batch ends with a label to drop")
+        sub.add_argument("--calibration-has-labels", action="store_true", help="each batch ends with a label to drop (with --qat: the label is the training target)")
         sub.add_argument("--dynamic-batch", action="store_true", help="make dimension 0 of every input dynamic")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
         qat = sub.add_argument_group(

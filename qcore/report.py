@@ -257,6 +257,12 @@ def _is_compute(node: Node) -> bool:
     return not (is_quantize(node) or is_dequantize(node)) and node.target.namespace == "aten"
 
 
+def _is_buffer_update(node: Node) -> bool:
+    mutates = node.target._schema.is_mutable if isinstance(node.target, torch._ops.OpOverload) else False
+    first = node.args[0] if node.args else None
+    return mutates and not node.users and isinstance(first, Node) and first.op == "get_attr"
+
+
 def _float_reason(converted_node: Node, backend: str) -> str:
     """Why a node of the converted graph runs on float inputs (its annotation says if it was claimed)."""
     annotation = converted_node.meta.get(ANNOTATION_KEY)
@@ -270,11 +276,12 @@ def _float_reason(converted_node: Node, backend: str) -> str:
 
 
 def classify_nodes(exported: GraphModule, converted: GraphModule, backend: str) -> list[NodeReport]:
-    """One NodeReport per aten compute node of ``exported`` (no SQNR yet)."""
+    """One NodeReport per aten compute node of ``exported`` (no SQNR yet); in-place updates of
+    buffers (batch norm's ``num_batches_tracked += 1`` in a train-mode export) are not compute."""
     by_name = {node.name: node for node in converted.graph.nodes}
     reports = []
     for node in exported.graph.nodes:
-        if not _is_compute(node):
+        if not _is_compute(node) or _is_buffer_update(node):
             continue
         twin = by_name.get(node.name)
         if twin is None:

@@ -291,3 +291,10 @@ def test_readme_qat_example_runs(capsys):
     losses = capsys.readouterr().out.strip()
     assert re.fullmatch(r"\(([\d.]+, ){2}[\d.]+\)", losses), losses
     assert namespace["result"].report.training.method == "train_fn"
+
+
+def test_report_lists_compute_nodes_not_batch_norm_bookkeeping(ptq_and_qat):
+    _, qat, _ = ptq_and_qat
+    names = [n.name for n in qat.report.nodes]
+    assert "add_" not in names and "batch_norm" in names
+    assert next(n for n in qat.report.nodes if n.name == "batch_norm").reason.startswith("folded away by convert")
