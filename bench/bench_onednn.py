@@ -1,20 +1,25 @@
 """Benchmark: fp32 vs torchao int8 vs qcore int8 (oneDNN) on four CPU models, side by side.
 
-Not a test. For each model it reports latency (median of ``--iters`` runs after warm-up) of
+Not a test. For each model it builds every variant first:
 
 * fp32 eager, fp32 ``torch.compile``;
-* torchao int8: ``lower_pt2e_quantized_to_x86`` (eager), and ``torch.compile`` with freezing
-  on torchao's converted model (Inductor's own x86 passes);
+* torchao int8: ``lower_pt2e_quantized_to_x86`` (eager), and ``torch.compile`` of torchao's
+  converted model with Inductor freezing (Inductor's own x86 passes);
 * qcore int8: ``qcore.lower(..., backend="onednn")`` run eagerly, and
-  ``qcore.compile(..., backend="onednn")`` (lowered, then ``torch.compile`` with freezing for
-  that model only, so packed weights are constants);
+  ``qcore.compile(..., backend="onednn")``;
 
-plus the ratio to fp32 eager and the SQNR (dB) of every int8 variant against the float model.
+then times them interleaved: ``--repeat`` rounds, each round runs every variant once (``--inner``
+calls per sample, the variant order rotated from round to round), so that a busy spell on a
+shared machine hits all variants alike. It prints per model the median latency, the speed-up
+over fp32 eager and fp32 compiled, the SQNR (dB) against the float model, and the issue's
+targets with the median of the per-round ratios. Each variant gets its own input tensors
+(torchao's compiled encoder layer writes into its input); a variant that mutates its input is
+flagged. Without torchao the torchao rows are left out.
 
 Usage::
 
-    python bench/bench_onednn.py                       # all models, 20 iterations
-    python bench/bench_onednn.py --models mlp cnn --iters 5 --no-compile   # quick
+    python bench/bench_onednn.py --threads 1 --repeat 30            # all models
+    python bench/bench_onednn.py --models mlp cnn --repeat 10 --no-compile   # quick
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -135,18 +142,6 @@ def sqnr(reference: torch.Tensor, actual: torch.Tensor) -> float:
     return float("inf") if noise == 0 else float(10 * torch.log10(reference.float().pow(2).mean() / noise))
 
 
-def latency_ms(fn: Callable[[], Any], iters: int, warmup: int) -> float:
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def calibrate(prepared: Any, example: tuple, batches: int) -> None:
     with torch.no_grad():
         for _ in range(batches):
@@ -154,111 +149,197 @@ def calibrate(prepared: Any, example: tuple, batches: int) -> None:
         prepared(*example)
 
 
-def qcore_int8(model: nn.Module, example: tuple, batches: int) -> tuple:
+def qcore_converted(model: nn.Module, example: tuple, batches: int) -> Any:
     import qcore
     from qcore_onednn_x86 import X86InductorQuantizer, get_default_x86_inductor_quantization_config
 
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     prepared = qcore.prepare_pt2e(torch.export.export(model, example).module(), quantizer)
     calibrate(prepared, example, batches)
-    converted = qcore.convert_pt2e(prepared)
-    return converted, qcore.lower(converted, backend="onednn", example_inputs=example)
+    return qcore.convert_pt2e(prepared)
 
 
-def torchao_int8(model: nn.Module, example: tuple, batches: int) -> Optional[tuple]:
-    try:
-        from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-    except ImportError:
-        return None
+def torchao_converted(model: nn.Module, example: tuple, batches: int) -> Any:
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(torch.export.export(model, example).module(), quantizer)
     calibrate(prepared, example, batches)
-    converted = convert_pt2e(prepared)
-    return converted, lower_pt2e_quantized_to_x86(converted, example)
+    return convert_pt2e(prepared)
 
 
-def run_model(name: str, args: argparse.Namespace) -> list[tuple]:
+def torchao_available() -> bool:
+    try:
+        import torchao.quantization.pt2e.lowering  # noqa: F401
+        import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class Variant:
+    """One way of running a model: its callable, its own inputs, and what was measured."""
+
+    label: str
+    run: Callable[..., Any]
+    inputs: tuple
+    freezing: bool = False  # Inductor freezing while called (torchao's compiled path)
+    samples: list = field(default_factory=list)
+    sqnr_db: Optional[float] = None
+    note: str = ""
+
+    def __call__(self) -> Any:
+        if self.freezing:
+            with torch._inductor.config.patch(freezing=True):
+                return self.run(*self.inputs)
+        return self.run(*self.inputs)
+
+    @property
+    def median_ms(self) -> Optional[float]:
+        return statistics.median(self.samples) if self.samples else None
+
+
+def build_variants(name: str, args: argparse.Namespace) -> tuple[list[Variant], list[tuple[str, str]]]:
+    """Every variant of model ``name``, each called once (compiled now) and checked against float.
+
+    Returns the variants that ran and (label, error) for those that failed.
+    """
+    import qcore
+
     torch.manual_seed(0)
     factory, make_example = MODELS[name]
     model, example = factory().eval(), make_example()
     with torch.no_grad():
         reference = model(*example)
-    rows: list[tuple] = []
+    torch._dynamo.reset()
 
-    def measure(label: str, module: Any, freezing: bool = False) -> None:
-        # each variant gets its own copy of the inputs: Inductor's x86 passes may accumulate
-        # in place into a graph input (seen with torchao's compiled model on the encoder layer)
+    # (label, builder returning the callable, freezing while called); builders run lazily so
+    # a failure costs one row, not the model
+    plan: list[tuple[str, Callable[[], Callable], bool]] = [("fp32 eager", lambda: model, False)]
+    if args.compile:
+        plan.append(("fp32 compiled", lambda: torch.compile(copy.deepcopy(model)), False))
+    if args.torchao:
+        from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
+
+        # every flow quantizes its own copy: compiling with freezing may rewrite shared parameters
+        peer = torchao_converted(copy.deepcopy(model), example, args.calibration_batches)
+        plan.append(("torchao int8 lowered eager", lambda: lower_pt2e_quantized_to_x86(copy.deepcopy(peer), example), False))
+        if args.compile:
+            plan.append(("torchao int8 compiled", lambda: torch.compile(peer), True))
+    ours = qcore_converted(copy.deepcopy(model), example, args.calibration_batches)
+    plan.append(("qcore int8 lowered eager", lambda: qcore.lower(ours, backend="onednn", example_inputs=example), False))
+    if args.compile:
+        plan.append(("qcore int8 compiled", lambda: qcore.compile(ours, backend="onednn", example_inputs=example), False))
+
+    variants, failures = [], []
+    for label, build, freezing in plan:
         inputs = tuple(t.clone() for t in example)
-        pristine = tuple(t.clone() for t in example)
-        with torch._inductor.config.patch(freezing=freezing), torch.no_grad():
-            try:
-                out = module(*inputs)
-                mutated = any(not torch.equal(a, b) for a, b in zip(inputs, pristine))
-                ms = latency_ms(lambda: module(*inputs), args.iters, args.warmup)
-            except Exception as exc:  # keep the table going; show what failed
-                rows.append((name, label, None, None, f"{type(exc).__name__}: {str(exc)[:80]}"))
-                return
-        note = "MUTATED ITS INPUT" if mutated else ""
-        rows.append((name, label, ms, sqnr(reference, out) if label != "fp32 eager" else None, note))
+        variant = Variant(label, None, inputs, freezing)  # type: ignore[arg-type]
+        try:
+            with torch.no_grad():
+                variant.run = build()
+                out = variant()
+        except Exception as exc:  # keep the table going; show what failed
+            failures.append((label, f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"))
+            continue
+        if label != "fp32 eager":
+            variant.sqnr_db = sqnr(reference, out)
+        if any(not torch.equal(a, b) for a, b in zip(inputs, example)):
+            variant.note = "mutated its input"
+            variant.inputs = tuple(t.clone() for t in example)
+        variants.append(variant)
+    return variants, failures
 
-    measure("fp32 eager", model)
-    if args.compile:
-        torch._dynamo.reset()
-        fp32_compiled = torch.compile(copy.deepcopy(model))
-        measure("fp32 compiled", fp32_compiled)
-    if not args.skip_torchao:
-        # every flow gets its own copy: compiling with freezing may rewrite shared parameters
-        peer = torchao_int8(copy.deepcopy(model), example, args.calibration_batches)
-        if peer is not None:
-            peer_converted, peer_lowered = peer
-            measure("torchao int8 lowered eager", peer_lowered)
-            if args.compile:
-                torch._dynamo.reset()
-                peer_compiled = torch.compile(peer_converted)
-                measure("torchao int8 compiled (freezing)", peer_compiled, freezing=True)
-    converted, lowered = qcore_int8(copy.deepcopy(model), example, args.calibration_batches)
-    if args.show_unlowered:
-        measure("qcore int8 q/dq (unlowered)", converted)
-    measure("qcore int8 lowered eager", lowered)
-    if args.compile:
-        import qcore
 
-        torch._dynamo.reset()
-        # qcore.compile applies the backend's Inductor settings (freezing) to this model only
-        ours_compiled = qcore.compile(converted, backend="onednn", example_inputs=example)
-        measure("qcore int8 qcore.compile", ours_compiled)
-    return rows
+def time_interleaved(variants: list[Variant], repeat: int, inner: int, warmup: int) -> list[dict]:
+    """Fill each variant's samples (ms per call); returns, per round, label -> ms."""
+    rounds: list[dict] = []
+    with torch.no_grad():
+        for variant in variants:
+            for _ in range(warmup):
+                variant()
+        for r in range(repeat):
+            shift = r % len(variants)
+            this_round = {}
+            for variant in variants[shift:] + variants[:shift]:
+                start = time.perf_counter()
+                for _ in range(inner):
+                    variant()
+                ms = (time.perf_counter() - start) * 1e3 / inner
+                variant.samples.append(ms)
+                this_round[variant.label] = ms
+            rounds.append(this_round)
+    return rounds
+
+
+def paired_ratio(rounds: list[dict], numerator: str, denominator: str) -> Optional[float]:
+    """Median over rounds of numerator_ms / denominator_ms (both timed in the same round)."""
+    ratios = [r[numerator] / r[denominator] for r in rounds if numerator in r and denominator in r]
+    return statistics.median(ratios) if ratios else None
+
+
+TARGETS = (
+    # (text, numerator, denominator, met if ratio <= limit, models it applies to)
+    ("qcore compiled / torchao compiled", "qcore int8 compiled", "torchao int8 compiled", 1.0, None),
+    ("qcore lowered eager / torchao lowered eager", "qcore int8 lowered eager", "torchao int8 lowered eager", 1.0, None),
+    ("qcore compiled / fp32 compiled (need <= 1/3)", "qcore int8 compiled", "fp32 compiled", 1 / 3, ("cnn", "mlp")),
+)
+
+
+def report(name: str, variants: list[Variant], failures: list, rounds: list[dict]) -> None:
+    medians = {v.label: v.median_ms for v in variants}
+    eager, compiled = medians.get("fp32 eager"), medians.get("fp32 compiled")
+    header = f"{'variant':<28} {'median ms':>10} {'IQR ms':>9} {'x eager':>8} {'x fp32 compiled':>16} {'SQNR dB':>8}"
+    print(f"\n== {name}: {len(rounds)} interleaved rounds")
+    print(header)
+    print("-" * len(header))
+    for v in variants:
+        ms = v.median_ms
+        q = statistics.quantiles(v.samples, n=4) if len(v.samples) >= 2 else [ms, ms, ms]
+        speed_eager = f"{eager / ms:8.2f}" if eager else ""
+        speed_compiled = f"{compiled / ms:16.2f}" if compiled else f"{'':>16}"
+        db = "" if v.sqnr_db is None else f"{v.sqnr_db:8.1f}"
+        print(f"{v.label:<28} {ms:10.3f} {q[2] - q[0]:9.3f} {speed_eager} {speed_compiled} {db:>8}  {v.note}")
+    for label, error in failures:
+        print(f"{label:<28} {'failed':>10}  {error}")
+    for text, numerator, denominator, limit, models in TARGETS:
+        if models is not None and name not in models:
+            continue
+        ratio = paired_ratio(rounds, numerator, denominator)
+        if ratio is None:
+            continue
+        print(f"  target {text}: {ratio:.3f} (median of per-round ratios) -> {'met' if ratio <= limit else 'NOT met'}")
+    ours = next((v.sqnr_db for v in variants if v.label == "qcore int8 lowered eager"), None)
+    peer = next((v.sqnr_db for v in variants if v.label == "torchao int8 lowered eager"), None)
+    if ours is not None and peer is not None:
+        print(f"  target SQNR qcore >= torchao: {ours:.2f} vs {peer:.2f} dB -> {'met' if ours >= peer else 'NOT met'}")
 
 
 def main(argv: Optional[list] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["cnn", "mlp", "bert", "mobilenet"])
-    parser.add_argument("--iters", type=int, default=20, help="timed iterations per variant (median reported)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", "--iters", type=int, default=20, help="interleaved rounds (medians over them)")
+    parser.add_argument("--inner", type=int, default=1, help="calls per variant per round (a sample is their mean)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per variant after compiling")
     parser.add_argument("--calibration-batches", type=int, default=4)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip every torch.compile variant")
-    parser.add_argument("--skip-torchao", action="store_true")
-    parser.add_argument("--show-unlowered", action="store_true", help="also time qcore's q/dq model before lowering")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--skip-torchao", action="store_true", help="qcore and fp32 only")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, iters {args.iters}")
-    header = f"{'model':<10} {'variant':<34} {'ms':>10} {'x fp32':>8} {'SQNR dB':>8}"
-    print(header)
-    print("-" * len(header))
+    args.torchao = not args.skip_torchao and torchao_available()
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeat {args.repeat}, inner {args.inner}, "
+        f"torchao {'yes' if args.torchao else 'no (qcore and fp32 only)'}"
+    )
     for name in args.models:
-        rows = run_model(name, args)
-        base = rows[0][2]
-        for model_name, label, ms, db, note in rows:
-            if ms is None:
-                print(f"{model_name:<10} {label:<34} {'failed':>10}  {note}")
-                continue
-            ratio = base / ms if base else float("nan")
-            db_text = "" if db is None else f"{db:8.1f}"
-            print(f"{model_name:<10} {label:<34} {ms:10.2f} {ratio:8.2f} {db_text:>8}  {note}", flush=True)
+        variants, failures = build_variants(name, args)
+        rounds = time_interleaved(variants, args.repeat, args.inner, args.warmup)
+        report(name, variants, failures, rounds)
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
