@@ -8,7 +8,8 @@ Two ways to train (exactly one of them with ``qat=True``):
 * ``qat_epochs=N``: the built-in loop, ``N`` passes over ``calibration``, whose batches are the
   model's inputs followed by the target(s): ``(x, y)``. Adam with ``qat_lr`` (default
   :data:`DEFAULT_QAT_LR`), loss ``loss_fn(output, *targets)`` (default cross-entropy). When
-  ``N >= 2`` the last epoch runs with the quantization ranges and batch-norm statistics frozen.
+  ``N >= 2`` the last epoch runs with the quantization ranges frozen and the module in eval mode
+  (batch norm on its running statistics, dropout off).
 
 >>> check_qat_options(qat=False, train_fn=None, qat_epochs=3, qat_lr=None, loss_fn=None, calibration=None)
 Traceback (most recent call last):
@@ -40,6 +41,12 @@ class QATError(QcoreError, ValueError):
 
 def _describe(fn: Any) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _shape_of(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).replace('torch.', '')} {tuple(value.shape)}"
+    return type(value).__name__
 
 
 def check_qat_options(
@@ -157,7 +164,16 @@ def run_builtin_loop(
             for index, batch in enumerate(progress(batches, f"QAT epoch {epoch + 1}/{epochs}")):
                 inputs, targets = split_batch(batch, index)
                 optimizer.zero_grad()
-                loss = loss_fn(prepared(*inputs), *targets)
+                output = prepared(*inputs)
+                try:
+                    loss = loss_fn(output, *targets)
+                except Exception as exc:
+                    shapes = ", ".join(_shape_of(t) for t in targets)
+                    raise QATError(
+                        f"loss_fn {_describe(loss_fn)}(output, *targets) failed on QAT batch {index}: {type(exc).__name__}: "
+                        f"{exc} (output {_shape_of(output)}, target(s) {shapes}); the batches must be (inputs..., target) "
+                        f"with targets loss_fn accepts"
+                    ) from exc
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     raise QATError(
                         f"loss_fn {_describe(loss_fn)} must return a scalar tensor, got "

@@ -229,6 +229,11 @@ def test_bad_qat_flags_are_usage_errors(capsys, user_module, tmp_path, argv, mes
     [
         (["--qat"], r"--qat trains on the calibration batches: give --calibration PKG.MODULE:LOADER yielding \(inputs..., target\)"),
         (["--qat", "--calibration", "{m}:batches"], r"--qat trains on the calibration batches, so each must be \(inputs..., target\); qcore_cli_user_models:batches\(\) gave a Tensor"),
+        pytest.param(
+            ["--qat", "--calibration", "{m}:labelled_batches", "--qat-loss", "mse"],
+            r"loss_fn mse_loss\(output, \*targets\) failed on QAT batch 0: .*target\(s\) int64 \(4,\)",
+            marks=pytest.mark.filterwarnings("ignore:Using a target size:UserWarning"),
+        ),
     ],
 )
 def test_qat_without_targets_is_a_one_line_error_that_leaves_nothing(capsys, user_module, tmp_path, argv, message):

@@ -298,3 +298,9 @@ def test_report_lists_compute_nodes_not_batch_norm_bookkeeping(ptq_and_qat):
     names = [n.name for n in qat.report.nodes]
     assert "add_" not in names and "batch_norm" in names
     assert next(n for n in qat.report.nodes if n.name == "batch_norm").reason.startswith("folded away by convert")
+
+
+def test_targets_the_loss_cannot_use_are_an_error_naming_the_shapes():
+    wrong = [(x, torch.randn(8, 3)) for x, _ in small_batches()]  # cross-entropy wants 4 classes or class indices
+    with pytest.raises(QATError, match=r"loss_fn cross_entropy\(output, \*targets\) failed on QAT batch 0: RuntimeError: .*\(output float32 \(8, 4\), target\(s\) float32 \(8, 3\)\)"):
+        qcore.quantize(Small(), X, qat=True, qat_epochs=1, calibration=wrong, measure_latency=False)
