@@ -8,6 +8,7 @@ already the uint8 output of the conv that produced it)::
       └─▶ prepack_linear_weights┴▶ fold_bf16_output_casts ─▶ fuse_unary_post_ops ─▶ fuse_binary_post_ops
             ─▶ lower_quantized_max_pool2d ─▶ lower_quantized_cat ─▶ lower_quantized_reshape
             ─▶ reshape_channels_last_views ─▶ lower_weight_only_int8_matmul
+            ─▶ make_conv_inputs_channels_last
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def onednn_lowering_passes() -> list:
     from qcore_onednn_x86.lowering.lower_quantized_max_pool2d import lower_quantized_max_pool2d
     from qcore_onednn_x86.lowering.lower_quantized_reshape import lower_quantized_reshape
     from qcore_onednn_x86.lowering.lower_weight_only_int8_matmul import lower_weight_only_int8_matmul
+    from qcore_onednn_x86.lowering.make_conv_inputs_channels_last import make_conv_inputs_channels_last
     from qcore_onednn_x86.lowering.prepack_conv_weights import prepack_conv_weights
     from qcore_onednn_x86.lowering.prepack_linear_weights import prepack_linear_weights
     from qcore_onednn_x86.lowering.promote_dequantize import promote_dequantize
@@ -48,4 +50,5 @@ def onednn_lowering_passes() -> list:
         record(lower_quantized_reshape, ("lower_quantized_cat",)),
         record(reshape_channels_last_views, ("lower_quantized_reshape",)),
         record(lower_weight_only_int8_matmul, ("reshape_channels_last_views",)),
+        record(make_conv_inputs_channels_last, ("lower_weight_only_int8_matmul",)),
     ]
