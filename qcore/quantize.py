@@ -27,7 +27,7 @@ Quantization-aware training fine-tunes a copy of the model with fake quantizatio
 converting: ``qat=True`` with ``qat_epochs`` (the built-in loop over batches of ``(x, target)``)
 or with ``train_fn`` (your own loop); see :func:`quantize` and ``qcore.qat_training``.
 
->>> torch.manual_seed(0) and None
+>>> _ = torch.manual_seed(0)
 >>> data = [(torch.randn(16, 8), torch.randint(0, 4, (16,))) for _ in range(4)]
 >>> result = qcore.quantize(model, data[0][:1], backend="onednn", qat=True, qat_epochs=2, qat_lr=1e-3,
 ...                         calibration=data, measure_latency=False)
