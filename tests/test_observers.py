@@ -35,7 +35,7 @@ from qcore.observers import (
     calculate_qparams_from_min_max,
     is_observer_or_fake_quant,
 )
-from qcore.observers import histogram as qc_histogram
+from qcore.observers import histogram_search
 
 SYM, AFF = torch.per_tensor_symmetric, torch.per_tensor_affine
 PC_SYM, PC_AFF, PC_FLOAT = (
@@ -276,13 +276,13 @@ def test_batched_errors_are_bit_identical_to_torch_ao():
     ranges = [tuple(sorted(torch.randint(0, 2048, (2,), generator=g).tolist())) for _ in range(60)]
     ranges += [(s, s + 255) for s in range(0, 1700, 97)] + [(0, 2047), (7, 7), (2047, 2047)]
     density = ref.histogram.numpy() / np.float32(bin_width)
-    errors = qc_histogram._quantization_errors(
+    errors = histogram_search.quantization_errors(
         density, bin_width, ref.dst_nbins, [r[0] for r in ranges], [r[1] for r in ranges]
     )
     expected = [ref._compute_quantization_error(s, e) for s, e in ranges]
     assert errors == expected
     for count in (1, 2, 3):  # small batches reduce the same way
-        assert qc_histogram._quantization_errors(
+        assert histogram_search.quantization_errors(
             density, bin_width, ref.dst_nbins, [r[0] for r in ranges[:count]], [r[1] for r in ranges[:count]]
         ) == expected[:count]
 
@@ -306,7 +306,7 @@ def test_histogram_extreme_ranges_match_torch_ao(scale, config):
 
 
 def test_quantile_steps_accumulate_like_a_python_loop():
-    alphas, betas = qc_histogram._quantile_steps()
+    alphas, betas = histogram_search.quantile_steps()
     alpha, beta = 0.0, 1.0
     for k in range(len(alphas)):
         assert alphas[k] == alpha and betas[k] == beta
