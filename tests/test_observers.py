@@ -313,6 +313,174 @@ def test_quantile_steps_accumulate_like_a_python_loop():
         alpha, beta = alpha + 1e-5, beta - 1e-5
 
 
+# ----------------------------------------------------------------------------- histogram search
+def _random_activation(kind: str, g: torch.Generator, numel: int) -> torch.Tensor:
+    x = torch.randn(numel, generator=g)
+    if kind == "relu":
+        return torch.relu(x) * 3.0
+    if kind == "gelu":
+        return torch.nn.functional.gelu(x * 2.0 + 0.5)
+    if kind == "heavy_tailed":
+        return x / torch.rand(numel, generator=g).clamp_min(1e-3)  # Cauchy-like tails
+    if kind == "outliers":
+        x[torch.randint(0, numel, (5,), generator=g)] *= 60.0
+        return x
+    if kind == "sparse":
+        return torch.randint(-4, 5, (numel,), generator=g).float() * 0.37  # nine values only
+    if kind == "exponential":
+        return torch.empty(numel).exponential_(generator=g)
+    if kind == "zeros":
+        return torch.zeros(numel)
+    if kind == "constant":
+        return torch.full((numel,), -2.5)
+    return x
+
+
+RANDOM_HISTOGRAM_CONFIGS = [
+    dict(dtype=torch.uint8),
+    dict(dtype=torch.int8),
+    dict(dtype=torch.int8, qscheme=SYM),
+    dict(dtype=torch.uint8, reduce_range=True),
+    dict(dtype=torch.int8, quant_min=-127, quant_max=127, eps=2**-12),
+    dict(dtype=torch.uint8, quant_min=0, quant_max=15),
+    dict(dtype=torch.uint8, bins=256),
+    dict(dtype=torch.int8, bins=1000),
+]
+
+
+@pytest.mark.parametrize(
+    "kind", ["normal", "relu", "gelu", "heavy_tailed", "outliers", "sparse", "exponential", "zeros", "constant"]
+)
+def test_histogram_qparams_bit_identical_to_torch_ao_over_many_seeds(kind):
+    """Random activations, one to three batches (the range grows, so the histogram is re-binned
+    with the upsample path, or the single-value path when the first batch is constant): the
+    search picks torch.ao's range, so scale and zero point are identical, bit for bit."""
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        config = RANDOM_HISTOGRAM_CONFIGS[seed % len(RANDOM_HISTOGRAM_CONFIGS)]
+        obs, ref = HistogramObserver(**config), ao.HistogramObserver(**config)
+        for batch in range(1 + seed % 3):
+            x = _random_activation(kind, g, 2000 + 1500 * batch) * (1.0 + batch)
+            if seed % 4 == 3 and batch == 0:
+                x = torch.full((64,), 0.5)  # a constant first batch: the single-value re-binning
+            obs(x)
+            ref(x)
+        assert torch.equal(obs.histogram, ref.histogram), (kind, seed)
+        _assert_same_qparams(obs.calculate_qparams(), ref.calculate_qparams())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_histogram_search_matches_torch_ao_on_set_histograms(seed):
+    """Histograms set directly (spikes at the edges, long empty stretches, fractional counts)
+    over ranges from tiny to huge: torch.ao's (min, max), bit for bit."""
+    g = torch.Generator().manual_seed(100 + seed)
+    bins = (2048, 2048, 512, 4096, 2048, 777)[seed]
+    counts = torch.rand(bins, generator=g) * 100.0
+    counts[torch.rand(bins, generator=g) < 0.3 * (seed % 3)] = 0.0
+    counts[0] += 1e5 * (seed % 2)  # a ReLU-like spike in the first bin
+    counts[-1] += 3e4 * (seed % 3 == 2)
+    low = -(10.0 ** (seed - 3))
+    for config in (dict(dtype=torch.uint8), dict(dtype=torch.int8, qscheme=SYM)):
+        obs, ref = HistogramObserver(bins=bins, **config), ao.HistogramObserver(bins=bins, **config)
+        for module in (obs, ref):
+            module.histogram.copy_(counts)
+            module.min_val.fill_(low)
+            module.max_val.fill_(low + 7.25 * 10.0 ** (seed - 3))
+        new_min, new_max = obs._non_linear_param_search()
+        ao_min, ao_max = ref._non_linear_param_search()
+        assert torch.equal(new_min, ao_min) and torch.equal(new_max, ao_max), (seed, config)
+
+
+def _torch_ao_destination_bins(bins: int, bin_width: float, dst_nbins: int, start: int, end: int):
+    """torch.ao's dst_bin_of_begin / dst_bin_of_end (its float32 floor divisions)."""
+    dst_bin_width = bin_width * (end - start + 1) / dst_nbins
+    begin = (torch.arange(bins) - start) * bin_width
+    end_edge = begin + bin_width
+    of_begin = torch.clamp(torch.div(begin, dst_bin_width, rounding_mode="floor"), 0, dst_nbins - 1)
+    of_end = torch.clamp(torch.div(end_edge, dst_bin_width, rounding_mode="floor"), 0, dst_nbins - 1)
+    return of_begin.numpy(), of_end.numpy()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_grid_destination_bins_are_torch_floor_divisions(seed):
+    """GridErrors takes the destination bins from integer arithmetic; they must be torch's float32
+    floor divisions for every bin, including the edges where m * D / L is an exact integer."""
+    rng = np.random.default_rng(seed)
+    bins = int(rng.choice([2048, 1000, 4096, 300, 7]))
+    dst_nbins = int(rng.choice([256, 256, 16, 128]))
+    span = 10.0 ** rng.uniform(-8, 8)
+    low = float(np.float32(rng.uniform(-1, 1) * span * 10.0 ** rng.uniform(-2, 2)))
+    high = float(np.float32(low + span))
+    bin_width = (high - low) / bins
+    assert histogram_search.GridErrors.applies(bins, bin_width, dst_nbins)
+    kernel = histogram_search.GridErrors(np.ones(bins, dtype=np.float32), bin_width, dst_nbins)
+    ranges = [tuple(sorted(rng.integers(0, bins, 2).tolist())) for _ in range(12)]
+    for length in (1, 2, 3, 64, 128, 256, 512, 768, 1024, 1792, bins):
+        if length <= bins:
+            start = int(rng.integers(0, bins - length + 1))
+            ranges.append((start, start + length - 1))
+    got = kernel.destination_bins([r[0] for r in ranges], [r[1] for r in ranges])
+    for row, (start, end) in enumerate(ranges):
+        of_begin, of_end = _torch_ao_destination_bins(bins, bin_width, dst_nbins, start, end)
+        np.testing.assert_array_equal(got[0, row], of_begin, err_msg=f"{bins=} {bin_width=} {start=} {end=}")
+        np.testing.assert_array_equal(got[1, row], of_end, err_msg=f"{bins=} {bin_width=} {start=} {end=}")
+
+
+def test_grid_errors_redo_the_bins_where_torch_rounds_an_integer_quotient_down_or_up():
+    """At m = 927 of the range [172, 2025] (L = 1854, m * 256 / L = 128 exactly) this bin width
+    makes torch's floor division land on 128 while float32 m * (256 / L) floors to 127: the bin
+    is redone with torch's destination bin and the error stays bit-identical."""
+    bins, bin_width = 2048, 6.771087646484375e-05
+    kernel = histogram_search.GridErrors(np.ones(bins, dtype=np.float32), bin_width, 256)
+    [[row, column, begin, end]] = [
+        list(q)
+        for q in kernel._integer_quotients(
+            [172], [2025], np.float32([[bin_width * 1854 / 256]]),
+            (np.arange(bins, dtype=np.float32)[None, :] - np.float32(172)) * np.float32(bin_width),
+        )
+    ]
+    assert (row, column, begin, end) == (0, 1099, 128.0, 128.0)
+    ref = ao.HistogramObserver(bins=bins)
+    ref.histogram.copy_(torch.randint(1, 50, (bins,), generator=torch.Generator().manual_seed(0)).float())
+    ref.min_val.fill_(-0.0625)
+    ref.max_val.fill_(-0.0625 + bin_width * bins)
+    assert (ref.max_val.item() - ref.min_val.item()) / bins == bin_width
+    density = ref.histogram.numpy() / np.float32(bin_width)
+    ranges = [(172, 2025), (0, 2047), (100, 1123), (5, 1796)]
+    expected = [ref._compute_quantization_error(s, e) for s, e in ranges]
+    for kernel_name in ("grid", "floor_div"):
+        assert histogram_search.quantization_errors(
+            density, bin_width, 256, [r[0] for r in ranges], [r[1] for r in ranges], kernel=kernel_name
+        ) == expected
+
+
+@pytest.mark.parametrize("kernel", ["grid", "floor_div"])
+def test_both_error_kernels_are_bit_identical_to_torch_ao(kernel):
+    g = torch.Generator().manual_seed(7)
+    ref = ao.HistogramObserver(dtype=torch.qint8)
+    for x in _batches("outliers", shape=(64, 64), count=3):
+        ref(x)
+    bin_width = (ref.max_val.item() - ref.min_val.item()) / ref.bins
+    ranges = [tuple(sorted(torch.randint(0, 2048, (2,), generator=g).tolist())) for _ in range(40)]
+    ranges += [(0, 2047), (3, 3), (1000, 1255), (1000, 1127), (0, 1791)]
+    density = ref.histogram.numpy() / np.float32(bin_width)
+    errors = histogram_search.quantization_errors(
+        density, bin_width, ref.dst_nbins, [r[0] for r in ranges], [r[1] for r in ranges], kernel=kernel
+    )
+    assert errors == [ref._compute_quantization_error(s, e) for s, e in ranges]
+
+
+def test_error_kernel_choice_and_bad_kernel_name():
+    density = np.ones(2048, dtype=np.float32)
+    assert isinstance(histogram_search.range_errors(density, 1e-3, 256), histogram_search.GridErrors)
+    # int16: 65536 destination bins are too fine for the integer grid; the floor divisions are used
+    assert isinstance(histogram_search.range_errors(density, 1e-3, 2**16), histogram_search.FloorDivErrors)
+    with pytest.raises(ValueError, match="grid kernel does not apply"):
+        histogram_search.quantization_errors(density, 1e-3, 2**16, [0], [10], kernel="grid")
+    with pytest.raises(ValueError, match="'auto', 'grid' or 'floor_div'"):
+        histogram_search.quantization_errors(density, 1e-3, 256, [0], [10], kernel="fast")
+
+
 def test_histogram_before_data_warns_and_returns_defaults():
     obs = HistogramObserver()
     assert not obs.has_observed()

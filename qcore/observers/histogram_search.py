@@ -36,6 +36,7 @@ from typing import Iterator, Optional, Protocol, Sequence
 import numpy as np
 import torch
 
+
 __all__ = [
     "FloorDivErrors",
     "GridErrors",
@@ -285,6 +286,16 @@ class FloorDivErrors:
         return _sum_rows(norm)
 
 
+def _begin_end_views(edge_values: np.ndarray) -> np.ndarray:
+    """``(2, rows, bins)`` view of a ``(rows, bins + 1)`` array of per-edge values: ``[0]`` the
+    value at each bin's begin edge, ``[1]`` at its end edge (the same memory, shifted by one)."""
+    rows, edges = edge_values.shape
+    row_stride, column_stride = edge_values.strides
+    return np.lib.stride_tricks.as_strided(
+        edge_values, shape=(2, rows, edges - 1), strides=(column_stride, row_stride, column_stride), writeable=False
+    )
+
+
 class GridErrors:
     """:class:`FloorDivErrors` with the destination bins from integer arithmetic.
 
@@ -325,27 +336,26 @@ class GridErrors:
 
     def errors(self, starts: list[int], ends: list[int]) -> list[float]:
         f32 = np.float32
-        count, bins = len(starts), self.bins
-        lengths = [e - s + 1 for s, e in zip(starts, ends)]
-        _, dst_width, half = _candidate_widths(self.bin_width, self.dst_nbins, starts, ends)
+        bins = self.bins
+        columns = self._candidate_columns(starts, ends)
+        dst_width, half = columns[0], columns[1]
         # m: each edge's distance from the range start, in source bins (exact in float32)
-        m = np.subtract(self.edge_indices, np.array(starts, dtype=f32).reshape(count, 1))
-        dst_bins = self._destination_bins(m, lengths)
+        m = np.subtract(self.edge_indices, columns[4])
+        # destination bins of the begin ([0]) and end ([1]) edge of each bin: two overlapping views
+        dst_bins = _begin_end_views(self._destination_bins(m, columns[2], columns[3]))
         # edges[0] / edges[1]: where each source bin begins / ends (torch.ao's src_bin_begin / end)
-        edges = np.empty((2, count, bins), dtype=f32)
+        edges = np.empty(dst_bins.shape, dtype=f32)
         np.multiply(m[:, :bins], self.width, out=edges[0])
         np.add(edges[0], self.width, out=edges[1])
         # the destination bins a source bin covers completely: k_e - k_b - 1
-        covered = np.subtract(dst_bins[:, 1:], dst_bins[:, :bins])
+        covered = np.subtract(dst_bins[1], dst_bins[0])
         covered -= f32(1)
         # the centre of the destination bin of each begin edge ((k_b + 0.5) * w) and end edge
         # (k_e * w + h)
-        centres = np.empty((2, count, bins), dtype=f32)
-        np.add(dst_bins[:, :bins], f32(0.5), out=centres[0])
-        centres[0] *= dst_width
-        np.multiply(dst_bins[:, 1:], dst_width, out=centres[1])
+        centres = np.add(dst_bins, _EDGE_BIN_OFFSET)
+        centres *= dst_width
         centres[1] += half
-        self._redo_integer_quotients(starts, lengths, dst_bins, dst_width, half, edges, centres, covered)
+        self._redo_integer_quotients(starts, ends, columns, dst_bins, edges, centres, covered)
         # -d_b = centre - begin and d_e = end - centre (-(x - y) is y - x in floating point too)
         np.subtract(centres[0], edges[0], out=edges[0])
         np.subtract(edges[1], centres[1], out=edges[1])
@@ -369,82 +379,92 @@ class GridErrors:
     def destination_bins(self, starts: list[int], ends: list[int]) -> np.ndarray:
         """torch.ao's ``dst_bin_of_begin`` (``[0]``) and ``dst_bin_of_end`` (``[1]``) of each
         candidate range, a float32 array of shape ``(2, len(starts), bins)``."""
-        f32 = np.float32
-        count, bins = len(starts), self.bins
-        lengths = [e - s + 1 for s, e in zip(starts, ends)]
-        _, dst_width, half = _candidate_widths(self.bin_width, self.dst_nbins, starts, ends)
-        m = np.subtract(self.edge_indices, np.array(starts, dtype=f32).reshape(count, 1))
-        dst_bins = self._destination_bins(m, lengths)
-        result = np.stack([dst_bins[:, :bins], dst_bins[:, 1:]])
-        begin, end = self._integer_quotients(starts, lengths, dst_width, m[:, :bins] * self.width)
-        for row, column, value in begin:
-            result[0, row, column] = value
-        for row, column, value in end:
-            result[1, row, column] = value
+        bins = self.bins
+        columns = self._candidate_columns(starts, ends)
+        m = np.subtract(self.edge_indices, columns[4])
+        result = _begin_end_views(self._destination_bins(m, columns[2], columns[3])).copy()
+        begins = m[:, :bins] * self.width
+        for row, column, begin, end in self._integer_quotients(starts, ends, columns[0], begins):
+            result[0, row, column] = begin
+            result[1, row, column - 1] = end
         return result
 
-    def _destination_bins(self, m: np.ndarray, lengths: list[int]) -> np.ndarray:
+    def _candidate_columns(self, starts: list[int], ends: list[int]) -> np.ndarray:
+        """Per candidate, float32 columns of shape ``(count, 1)``: torch.ao's destination bin
+        width ``w`` (the Python float ``bin_width * L / D``, rounded to float32 as torch uses it),
+        its half, ``D / L``, the last ``m`` before the clamp (``L (1 - 1 / 2D)``) and the start."""
+        dst, bin_width = self.dst_nbins, self.bin_width
+        lengths = [e - s + 1 for s, e in zip(starts, ends)]
+        widths = [bin_width * n / dst for n in lengths]
+        return np.array(
+            [widths, [w / 2 for w in widths], [dst / n for n in lengths], [n * (1.0 - 0.5 / dst) for n in lengths], starts],
+            dtype=np.float32,
+        ).reshape(5, len(starts), 1)
+
+    @staticmethod
+    def _destination_bins(m: np.ndarray, ratio: np.ndarray, last: np.ndarray) -> np.ndarray:
         """``clamp(floor(m * D / L), 0, D - 1)`` for every edge (see the class docstring)."""
-        f32 = np.float32
-        count, dst_nbins = len(lengths), self.dst_nbins
-        last = np.array([n * (1.0 - 0.5 / dst_nbins) for n in lengths], dtype=f32).reshape(count, 1)
-        t = np.maximum(m, f32(0))
+        t = np.maximum(m, np.float32(0))
         np.minimum(t, last, out=t)
-        t *= np.array([dst_nbins / n for n in lengths], dtype=f32).reshape(count, 1)
+        t *= ratio
         return np.floor(t, out=t)
 
     def _integer_quotients(
-        self, starts: list[int], lengths: list[int], dst_width: np.ndarray, begins: np.ndarray
-    ) -> tuple[list[tuple[int, int, float]], list[tuple[int, int, float]]]:
-        """torch's destination bins of the edges where ``m * D / L`` is an integer in (0, D):
-        ``(row, bin, dst_bin)`` for the bins beginning there and for the bins ending there."""
-        rows, columns = [], []
-        for row, (start, length) in enumerate(zip(starts, lengths)):
+        self, starts: list[int], ends: list[int], dst_width: np.ndarray, begins: np.ndarray
+    ) -> list[tuple[int, int, float, float]]:
+        """torch's destination bins at the edges where ``m * D / L`` is an integer in (0, D):
+        ``(row, bin, dst_bin of the bin beginning there, dst_bin of the bin ending there)``."""
+        rows: list[int] = []
+        columns: list[int] = []
+        for row, (start, end) in enumerate(zip(starts, ends)):
+            length = end - start + 1
             common = math.gcd(self.dst_nbins, length)
             if common > 1:
                 period = length // common
                 rows += [row] * (common - 1)
                 columns += range(start + period, start + length, period)
         if not rows:
-            return [], []
+            return []
         f32 = np.float32
         row_index = np.array(rows, dtype=np.intp)
         column_index = np.array(columns, dtype=np.intp)
         width = dst_width[row_index, 0]
-        high = f32(self.dst_nbins - 1)
         # the bin beginning at the edge, and the bin before it, which ends there
-        begin = begins[row_index, column_index]
-        end = begins[row_index, column_index - 1] + self.width
-        begin_bins = np.minimum(np.maximum(np.floor_divide(begin, width), f32(0)), high).tolist()
-        end_bins = np.minimum(np.maximum(np.floor_divide(end, width), f32(0)), high).tolist()
-        return list(zip(rows, columns, begin_bins)), [(r, c - 1, k) for r, c, k in zip(rows, columns, end_bins)]
+        begin = np.floor_divide(begins[row_index, column_index], width)
+        end = np.floor_divide(begins[row_index, column_index - 1] + self.width, width)
+        quotients = np.minimum(np.maximum(np.stack([begin, end]), f32(0)), f32(self.dst_nbins - 1))
+        return list(zip(rows, columns, *quotients.tolist()))
 
     def _redo_integer_quotients(
         self,
         starts: list[int],
-        lengths: list[int],
+        ends: list[int],
+        columns: np.ndarray,
         dst_bins: np.ndarray,
-        dst_width: np.ndarray,
-        half: np.ndarray,
         edges: np.ndarray,
         centres: np.ndarray,
         covered: np.ndarray,
     ) -> None:
         """Redo the centres and covered counts of the bins whose begin or end edge torch puts in
-        another destination bin than ``floor(t)`` (only where ``t`` is an integer)."""
-        begins, ends = self._integer_quotients(starts, lengths, dst_width, edges[0])
-        begin_bins = {(r, c): k for r, c, k in begins if k != dst_bins[r, c]}
-        end_bins = {(r, c): k for r, c, k in ends if k != dst_bins[r, c + 1]}
-        if not begin_bins and not end_bins:
+        another destination bin than ``floor(t)`` (only possible where ``t`` is an integer)."""
+        quotients = self._integer_quotients(starts, ends, columns[0], edges[0])
+        if not quotients:
+            return
+        mine = dst_bins[0][[q[0] for q in quotients], [q[1] for q in quotients]].tolist()
+        changed = [q for q, k in zip(quotients, mine) if q[2] != k or q[3] != k]
+        if not changed:
             return
         f32 = np.float32
-        for row, column in set(begin_bins) | set(end_bins):
-            begin = f32(begin_bins.get((row, column), dst_bins[row, column]))
-            end = f32(end_bins.get((row, column), dst_bins[row, column + 1]))
-            width, half_width = dst_width[row, 0], half[row, 0]
-            centres[0, row, column] = (begin + f32(0.5)) * width
-            centres[1, row, column] = end * width + half_width
-            covered[row, column] = end - begin - f32(1)
+        # bin -> [destination bin of its begin edge, of its end edge]
+        redo: dict[tuple[int, int], list[float]] = {}
+        for row, column, begin, end in changed:
+            redo.setdefault((row, column), [float(dst_bins[0, row, column]), float(dst_bins[1, row, column])])[0] = begin
+            redo.setdefault((row, column - 1), [float(dst_bins[0, row, column - 1]), float(dst_bins[1, row, column - 1])])[1] = end
+        for (row, column), (begin, end) in redo.items():
+            width, half_width = columns[0, row, 0], columns[1, row, 0]
+            centres[0, row, column] = (f32(begin) + f32(0.5)) * width
+            centres[1, row, column] = f32(end) * width + half_width
+            covered[row, column] = f32(end) - f32(begin) - f32(1)
 
 
 def range_errors(density: np.ndarray, bin_width: float, dst_nbins: int) -> RangeErrors:
@@ -506,21 +526,32 @@ def search_bin_range(histogram: torch.Tensor, bin_width: float, dst_nbins: int) 
         return start, end
     with np.errstate(all="ignore"):
         counts = hist.numpy()
-        kernel = range_errors(counts / np.float32(bin_width), bin_width, dst_nbins)
-        previous = math.inf
-        batch = _FIRST_BATCH
-        while True:
-            starts, ends = [], []
-            for next_start, next_end in ranges:
-                starts.append(next_start)
-                ends.append(next_end)
-                if len(starts) == batch:
-                    break
-            if not starts:
+        density = counts / np.float32(bin_width)
+        return _search_with_exact_errors(ranges, range_errors(density, bin_width, dst_nbins), bins)
+
+
+def _next_batch(ranges: Iterator[tuple[int, int]], size: int) -> tuple[list[int], list[int]]:
+    starts, ends = [], []
+    for next_start, next_end in ranges:
+        starts.append(next_start)
+        ends.append(next_end)
+        if len(starts) == size:
+            break
+    return starts, ends
+
+
+def _search_with_exact_errors(ranges: Iterator[tuple[int, int]], kernel: RangeErrors, bins: int) -> tuple[int, int]:
+    """torch.ao's loop over the candidates, with every error computed exactly."""
+    start, end = 0, bins - 1
+    previous = math.inf
+    batch = _FIRST_BATCH
+    while True:
+        starts, ends = _next_batch(ranges, batch)
+        if not starts:
+            return start, end
+        for next_start, next_end, error in zip(starts, ends, kernel.errors(starts, ends)):
+            if error > previous:
                 return start, end
-            for next_start, next_end, error in zip(starts, ends, kernel.errors(starts, ends)):
-                if error > previous:
-                    return start, end
-                previous = error
-                start, end = next_start, next_end
-            batch = min(batch * 2, _MAX_BATCH)
+            previous = error
+            start, end = next_start, next_end
+        batch = min(batch * 2, _MAX_BATCH)
