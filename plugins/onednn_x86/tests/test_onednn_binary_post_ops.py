@@ -59,6 +59,53 @@ def test_conv_add_relu_with_float_output():
     assert_close_to_reference(converted, lowered, example, atol=1e-4)
 
 
+class ResidualKeepsIdentity(ResidualBlock):
+    """Another conv reads the block's (quantized) identity after the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.after = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        identity = torch.relu(self.stem(x))
+        y = torch.relu(self.conv2(torch.relu(self.conv1(identity))) + identity)
+        return self.tail(y), self.after(identity)
+
+
+def test_binary_conv_accumulates_in_place_only_when_nothing_reads_the_accumulator_afterwards():
+    example = (torch.randn(2, 3, 10, 10),)
+    converted = quantize(ResidualBlock(), example)
+    (binary,) = calls(lower(converted, example), QCONV_ADD)
+    assert binary.args[18] is True  # the identity's other reader (conv1) ran before
+
+    converted = quantize(ResidualKeepsIdentity(), example)
+    lowered = lower(converted, example)
+    (binary,) = calls(lowered, QCONV_ADD)
+    assert binary.args[18] is False
+    with torch.no_grad():
+        (ref_out, ref_after), (out, after) = converted(*example), lowered(*example)
+    step = max(float(n.args[1]) for n in calls(converted, qd.quantize_per_tensor.default)) * 1.01 + 1e-5
+    assert (ref_after - after).abs().max() <= step  # the later conv still reads the identity, not the sum
+    assert (ref_out - out).abs().max() <= step
+
+
+@pytest.mark.slow
+def test_in_place_binary_conv_compiles_to_the_same_result():
+    import qcore
+
+    torch._dynamo.reset()
+    example = (torch.randn(2, 3, 10, 10),)
+    for model in (ResidualBlock(), ResidualKeepsIdentity()):
+        compiled = qcore.compile(quantize(model, example), backend="onednn", example_inputs=example)
+        with torch.no_grad():
+            expected = compiled.lowered(*example)
+        for _ in range(2):
+            actual = compiled(*example)
+            for e, a in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(actual)):
+                assert (e - a).abs().max() < 1e-4
+    torch._dynamo.reset()
+
+
 def test_conv_add_with_its_own_input_is_not_fused():
     class SelfAdd(torch.nn.Module):
         def __init__(self):

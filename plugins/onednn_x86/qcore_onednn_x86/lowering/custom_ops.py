@@ -4,7 +4,10 @@
 Eagerly that is fine on a private copy, but torch.compile's functionalization cannot run that
 op through Inductor's freezing passes. ``qcore_onednn::qconv2d_add`` copies the accumulator
 (channels-last, as oneDNN wants it) and calls the kernel on the copy, so graphs stay
-functional and compile; Inductor runs it as an opaque kernel.
+functional and compile; Inductor runs it as an opaque kernel. The lowering sets
+``accum_is_dead`` when every other reader of the accumulator is an ancestor of the conv (the
+residual input of a ResNet block, read by the block's first conv): the copy is then skipped,
+since oneDNN's op already returns a fresh tensor (it sums into the accumulator, then clones it).
 
 The op is defined with ``torch.library.Library`` and one CompositeExplicitAutograd kernel
 rather than ``torch.library.custom_op``: inference-only, it needs no autograd wrapper, and
@@ -21,7 +24,7 @@ SCHEMA = (
     "qconv2d_add(Tensor qx, float x_scale, int x_zero_point, Tensor packed_weight, Tensor w_scale, "
     "Tensor w_zero_point, Tensor accum, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
     "int groups, float output_scale, int output_zero_point, ScalarType output_dtype, float accum_scale, "
-    "int accum_zero_point, str unary_attr) -> Tensor"
+    "int accum_zero_point, str unary_attr, bool accum_is_dead=False) -> Tensor"
 )
 
 
@@ -44,9 +47,15 @@ def _qconv2d_add_kernel(
     accum_scale: float,
     accum_zero_point: int,
     unary_attr: str,
+    accum_is_dead: bool = False,
 ) -> torch.Tensor:
-    """``conv(qx) + accum`` (then ``unary_attr``: "relu" or "none"), accumulated on a copy."""
-    private = accum.clone(memory_format=torch.channels_last)
+    """``conv(qx) + accum`` (then ``unary_attr``: "relu" or "none"), accumulated on a copy, or,
+    when the graph promises nothing reads ``accum`` afterwards (``accum_is_dead``), on ``accum``
+    itself if it is channels-last already. (oneDNN's op returns a fresh copy of the sum either way.)"""
+    if accum_is_dead:
+        private = accum.contiguous(memory_format=torch.channels_last)
+    else:
+        private = accum.clone(memory_format=torch.channels_last)
     return torch.ops.onednn.qconv2d_pointwise.binary(
         qx, x_scale, x_zero_point, packed_weight, w_scale, w_zero_point, private, bias, stride, padding,
         dilation, groups, output_scale, output_zero_point, output_dtype, accum_scale, accum_zero_point,
@@ -56,7 +65,7 @@ def _qconv2d_add_kernel(
 
 def _qconv2d_add_fake(qx, x_scale, x_zero_point, packed_weight, w_scale, w_zero_point, accum, bias, stride, padding,
                       dilation, groups, output_scale, output_zero_point, output_dtype, accum_scale, accum_zero_point,
-                      unary_attr):
+                      unary_attr, accum_is_dead=False):
     return torch.empty_like(accum, dtype=output_dtype, memory_format=torch.channels_last)
 
 

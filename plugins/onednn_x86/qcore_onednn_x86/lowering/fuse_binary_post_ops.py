@@ -4,8 +4,9 @@ prepacked oneDNN conv/linear.
 Conv, the extra input a uint8 accumulator (the x86 recipe quantizes it)::
 
     qconv (f32) ──▶ add ◀── dq(accum:u8) ──▶ [relu] ──▶ [q(u8)]
-      ==> qcore_onednn.qconv2d_add(..., accum, ..., "relu"|"none")
-          (oneDNN's qconv2d_pointwise.binary "sum" on a private channels-last copy of accum)
+      ==> qcore_onednn.qconv2d_add(..., accum, ..., "relu"|"none", accum_is_dead)
+          (oneDNN's qconv2d_pointwise.binary "sum" on a private channels-last copy of accum, or
+          on accum itself when its other readers are all ancestors of the conv)
 
 with a trailing quantize the op reads the uint8 accumulator with its scale/zero point and
 writes uint8; without one it accumulates into a copy of the float ``dq(accum)``.
@@ -89,16 +90,13 @@ def _ancestors(node: Node) -> set:
     return seen
 
 
-def _can_sum_in_place(other: Node, add: Node, qop: Node) -> bool:
-    """oneDNN may accumulate into ``other`` when it is a fresh float tensor (not a graph input,
-    not a view) whose every other reader is an ancestor of ``qop``: those readers have run
+def _free_to_overwrite(tensor: Node, consumer: Node, qop: Node) -> bool:
+    """``qop`` may write into ``tensor``: a fresh tensor (not a graph input, not a view) whose
+    every reader other than ``consumer`` is an ancestor of ``qop``, so those readers have run
     (eagerly and in Inductor's schedule) and hold no alias of it."""
-    val = tensor_val(other)
-    if other.op != "call_function" or is_call(other, VIEW_LIKE_OPS + MAY_ALIAS_OPS):
+    if tensor.op != "call_function" or is_call(tensor, VIEW_LIKE_OPS + MAY_ALIAS_OPS):
         return False
-    if val is None or val.dtype not in FLOAT_DTYPES:
-        return False
-    readers = [user for user in other.users if user is not add]
+    readers = [user for user in tensor.users if user is not consumer]
     if not readers:
         return True
     if any(is_call(user, VIEW_LIKE_OPS + MAY_ALIAS_OPS) or user.op != "call_function" for user in readers):
@@ -107,23 +105,30 @@ def _can_sum_in_place(other: Node, add: Node, qop: Node) -> bool:
     return all(user in ancestors for user in readers)
 
 
-def _fuse_conv(qop: Node, other: Node, relu: Optional[Node], quant: Any) -> Optional[Node]:
+def _can_sum_in_place(other: Node, add: Node, qop: Node) -> bool:
+    val = tensor_val(other)
+    return val is not None and val.dtype in FLOAT_DTYPES and _free_to_overwrite(other, add, qop)
+
+
+def _fuse_conv(qop: Node, other: Node, add: Node, relu: Optional[Node], quant: Any) -> Optional[Node]:
     accum = act_dequantize(other)
     if accum is None or not accum.is_literal or accum.input is qop.args[0]:
         return None
     if quant is not None:
         accum_input, accum_scale, accum_zp = accum.input, float(accum.scale), int(accum.zero_point)
         out = [float(quant.scale), int(quant.zero_point), torch.uint8]
+        accum_is_dead = _free_to_overwrite(accum.input, other, qop)
     else:
         accum_input, accum_scale, accum_zp = other, 1.0, 0
         out = [1.0, 0, torch.float32]
+        accum_is_dead = _free_to_overwrite(other, add, qop)
     a = list(qop.args)
     # qcore_onednn.qconv2d_add(qx, x_scale, x_zp, packed, w_scale, w_zp, accum, bias, stride, padding,
-    #   dilation, groups, o_scale, o_zp, o_dtype, accum_scale, accum_zp, unary)
+    #   dilation, groups, o_scale, o_zp, o_dtype, accum_scale, accum_zp, unary, accum_is_dead)
     return (
         qcore_onednn.qconv2d_add.default,
         (*a[0:6], accum_input, a[6], a[7], a[8], a[9], a[10], *out, accum_scale, accum_zp,
-         "relu" if relu is not None else "none"),
+         "relu" if relu is not None else "none", accum_is_dead),
     )
 
 
@@ -170,7 +175,7 @@ def fuse_binary_post_ops(model: GraphModule, context: LoweringContext) -> bool:
         quant = uint8_quantize(single_user(last)) if single_user(last) is not None else None
         is_conv = qop.target in QCONV_OPS
         if is_conv:
-            fused_call = _fuse_conv(qop, other, relu, quant)
+            fused_call = _fuse_conv(qop, other, add, relu, quant)
         else:
             fused_call = _fuse_linear(qop, other, add, relu, quant)
         if fused_call is None:
