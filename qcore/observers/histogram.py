@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from qcore.observers.base import DEFAULT_EPS, PER_TENSOR_QSCHEMES, ObserverBase, per_tensor_qparams_float32
-from qcore.observers.histogram_search import search_bin_range
+from qcore.observers.histogram_search import search_bin_range, to_float32
 
 __all__ = ["HistogramObserver"]
 
@@ -275,13 +275,12 @@ class HistogramObserver(ObserverBase):
         """:meth:`_non_linear_param_search` as float32 numpy scalars."""
         start, end = search_bin_range(self.histogram, (max_val - min_val) / self.bins, self.dst_nbins)
         # torch.ao's float32 arithmetic: bin_width = (max - min) / bins, new_min = min + bin_width *
-        # start, new_max = min + bin_width * (end + 1); done on numpy scalars (same IEEE operations)
-        f32 = np.float32
-        with np.errstate(all="ignore"):
-            bin_width = (f32(max_val) - f32(min_val)) / f32(self.bins)
-            new_min = f32(min_val) + bin_width * f32(start)
-            new_max = f32(min_val) + bin_width * f32(end + 1)
-        return new_min, new_max
+        # start, new_max = min + bin_width * (end + 1), one rounded operation at a time
+        low, high = to_float32(min_val), to_float32(max_val)
+        bin_width = to_float32(to_float32(high - low) / self.bins)
+        new_min = to_float32(low + to_float32(bin_width * start))
+        new_max = to_float32(low + to_float32(bin_width * (end + 1)))
+        return np.float32(new_min), np.float32(new_max)
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` of shape ``[1]``; the defaults 1.0 and 0 before any data."""

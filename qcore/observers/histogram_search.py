@@ -45,6 +45,7 @@ __all__ = [
     "quantization_errors",
     "range_errors",
     "search_bin_range",
+    "to_float32",
 ]
 
 #: Quantile step of torch.ao's search.
@@ -68,6 +69,19 @@ _U32 = 2.0**-24
 def _to_float32(value: float) -> float:
     """``value`` rounded to float32 (how torch compares a float32 tensor with a Python float)."""
     return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
+
+
+def to_float32(value: float) -> float:
+    """``value`` rounded to float32, infinite beyond float32's range, as a Python float.
+
+    A float32 addition, subtraction, multiplication or division is the double precision one
+    rounded to float32 (double's 53 bits are enough that the two roundings never differ), so
+    ``to_float32(a * b)`` is torch's float32 ``a * b`` for float32 values ``a`` and ``b``.
+    """
+    try:
+        return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 # ----------------------------------------------------------------------------- the candidates
@@ -355,7 +369,7 @@ class GridErrors:
         centres = np.add(dst_bins, _EDGE_BIN_OFFSET)
         centres *= dst_width
         centres[1] += half
-        self._redo_integer_quotients(starts, ends, columns, dst_bins, edges, centres, covered)
+        self._redo_integer_quotients(starts, ends, columns, dst_bins, centres, covered)
         # -d_b = centre - begin and d_e = end - centre (-(x - y) is y - x in floating point too)
         np.subtract(centres[0], edges[0], out=edges[0])
         np.subtract(edges[1], centres[1], out=edges[1])
@@ -379,12 +393,10 @@ class GridErrors:
     def destination_bins(self, starts: list[int], ends: list[int]) -> np.ndarray:
         """torch.ao's ``dst_bin_of_begin`` (``[0]``) and ``dst_bin_of_end`` (``[1]``) of each
         candidate range, a float32 array of shape ``(2, len(starts), bins)``."""
-        bins = self.bins
         columns = self._candidate_columns(starts, ends)
         m = np.subtract(self.edge_indices, columns[4])
         result = _begin_end_views(self._destination_bins(m, columns[2], columns[3])).copy()
-        begins = m[:, :bins] * self.width
-        for row, column, begin, end in self._integer_quotients(starts, ends, columns[0], begins):
+        for row, column, _, begin, end in self._integer_points(starts, ends, columns):
             result[0, row, column] = begin
             result[1, row, column - 1] = end
         return result
@@ -409,31 +421,41 @@ class GridErrors:
         t *= ratio
         return np.floor(t, out=t)
 
-    def _integer_quotients(
-        self, starts: list[int], ends: list[int], dst_width: np.ndarray, begins: np.ndarray
-    ) -> list[tuple[int, int, float, float]]:
-        """torch's destination bins at the edges where ``m * D / L`` is an integer in (0, D):
-        ``(row, bin, dst_bin of the bin beginning there, dst_bin of the bin ending there)``."""
-        rows: list[int] = []
-        columns: list[int] = []
+    def _integer_points(
+        self, starts: list[int], ends: list[int], columns: np.ndarray
+    ) -> list[tuple[int, int, int, int, int]]:
+        """The edges where ``t = m * D / L`` is an integer ``n`` in (0, D): ``(row, bin, my
+        floor(t), torch's destination bin of the bin beginning there, of the bin ending there)``.
+
+        torch's floor division of positive float32 values returns the floor of their exact
+        quotient, which here is ``n`` or ``n - 1`` (the operands are within a few roundoffs of
+        ``t``): ``n`` exactly when ``edge >= n * w``, compared exactly in Python floats (the
+        float32 products and sums below are exact in double precision, then rounded once).
+        """
+        points = []
+        width = float(self.width)
         for row, (start, end) in enumerate(zip(starts, ends)):
             length = end - start + 1
             common = math.gcd(self.dst_nbins, length)
-            if common > 1:
-                period = length // common
-                rows += [row] * (common - 1)
-                columns += range(start + period, start + length, period)
-        if not rows:
-            return []
-        f32 = np.float32
-        row_index = np.array(rows, dtype=np.intp)
-        column_index = np.array(columns, dtype=np.intp)
-        width = dst_width[row_index, 0]
-        # the bin beginning at the edge, and the bin before it, which ends there
-        begin = np.floor_divide(begins[row_index, column_index], width)
-        end = np.floor_divide(begins[row_index, column_index - 1] + self.width, width)
-        quotients = np.minimum(np.maximum(np.stack([begin, end]), f32(0)), f32(self.dst_nbins - 1))
-        return list(zip(rows, columns, *quotients.tolist()))
+            if common == 1:
+                continue
+            period, step = length // common, self.dst_nbins // common
+            dst_width, ratio = float(columns[0, row, 0]), float(columns[2, row, 0])
+            for j in range(1, common):
+                m, n = j * period, j * step
+                threshold = n * dst_width
+                begin = _to_float32(m * width)  # torch.ao's src_bin_begin of bin start + m
+                end_edge = _to_float32(_to_float32((m - 1) * width) + width)  # src_bin_end of the bin before
+                points.append(
+                    (
+                        row,
+                        start + m,
+                        n if _to_float32(m * ratio) >= n else n - 1,
+                        n if begin >= threshold else n - 1,
+                        n if end_edge >= threshold else n - 1,
+                    )
+                )
+        return points
 
     def _redo_integer_quotients(
         self,
@@ -441,23 +463,18 @@ class GridErrors:
         ends: list[int],
         columns: np.ndarray,
         dst_bins: np.ndarray,
-        edges: np.ndarray,
         centres: np.ndarray,
         covered: np.ndarray,
     ) -> None:
         """Redo the centres and covered counts of the bins whose begin or end edge torch puts in
         another destination bin than ``floor(t)`` (only possible where ``t`` is an integer)."""
-        quotients = self._integer_quotients(starts, ends, columns[0], edges[0])
-        if not quotients:
-            return
-        mine = dst_bins[0][[q[0] for q in quotients], [q[1] for q in quotients]].tolist()
-        changed = [q for q, k in zip(quotients, mine) if q[2] != k or q[3] != k]
+        changed = [point for point in self._integer_points(starts, ends, columns) if point[3] != point[2] or point[4] != point[2]]
         if not changed:
             return
         f32 = np.float32
         # bin -> [destination bin of its begin edge, of its end edge]
         redo: dict[tuple[int, int], list[float]] = {}
-        for row, column, begin, end in changed:
+        for row, column, _, begin, end in changed:
             redo.setdefault((row, column), [float(dst_bins[0, row, column]), float(dst_bins[1, row, column])])[0] = begin
             redo.setdefault((row, column - 1), [float(dst_bins[0, row, column - 1]), float(dst_bins[1, row, column - 1])])[1] = end
         for (row, column), (begin, end) in redo.items():
