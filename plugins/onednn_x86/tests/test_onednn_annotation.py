@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import qcore
 from qcore.annotation import ANNOTATION_KEY
-from qcore.spec import SharedQuantizationSpec
+from qcore.spec import DerivedQuantizationSpec, SharedQuantizationSpec
 
 from _onednn_helpers import QDQ_OPS, aten, calls, count, export, qd, quantize, x86_quantizer
 
@@ -45,11 +45,65 @@ def test_conv_relu_partition_quantizes_inputs_and_leaves_output_to_the_consumer(
     assert relu.meta[ANNOTATION_KEY]._annotated and relu.meta[ANNOTATION_KEY].output_qspec is None
 
 
-def test_max_pool2d_shares_its_input_observer():
+def test_max_pool2d_input_takes_the_qparams_of_its_output_observer():
     gm = annotated(ConvReluPool(), (torch.randn(1, 3, 8, 8),))
     pool = calls(gm, aten.max_pool2d.default)[0]
     ann = pool.meta[ANNOTATION_KEY]
-    assert ann.output_qspec == SharedQuantizationSpec((pool.args[0], pool))
+    config = get_default_x86_inductor_quantization_config()
+    assert ann.output_qspec == config.input_activation
+    derived = ann.input_qspec_map[pool.args[0]]
+    assert isinstance(derived, DerivedQuantizationSpec) and derived.derived_from == [pool]
+    assert (derived.dtype, derived.quant_min, derived.quant_max) == (torch.uint8, 0, 255)
+
+
+def test_max_pool2d_observer_sees_only_the_pool_output():
+    # the input edge's observer derives its qparams and observes nothing: the histogram holds
+    # the values max_pool2d lets through, not also the small ones it drops
+    class ConvReluPoolConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.conv2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.conv2(F.max_pool2d(F.relu(self.conv(x)), 2))
+
+    prepared = qcore.prepare_pt2e(export(ConvReluPoolConv(), (torch.randn(2, 3, 8, 8),)), x86_quantizer())
+    pool = calls(prepared, aten.max_pool2d.default)[0]
+    before, after = pool.args[0], next(iter(pool.users))
+    assert type(getattr(prepared, before.target)).__name__ == "DerivedObserverOrFakeQuantize"
+    prepared(torch.randn(2, 3, 8, 8))
+    observer = getattr(prepared, after.target)
+    assert observer is not getattr(prepared, before.target)
+    assert int(observer.histogram.sum()) == 2 * 8 * 4 * 4  # the pooled tensor's elements only
+    converted = qcore.convert_pt2e(prepared)
+    pool = calls(converted, aten.max_pool2d.default)[0]
+    dq_in, q_out = pool.args[0], next(iter(pool.users))
+    assert dq_in.target == qd.dequantize_per_tensor.default and q_out.target == qd.quantize_per_tensor.default
+    assert dq_in.args[1:3] == q_out.args[1:3]  # one scale / zero point: the pool runs on uint8
+
+
+def test_average_pools_stay_float_and_their_consumer_quantizes_the_average():
+    class ConvAvgLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = F.avg_pool2d(F.relu(self.conv(x)), 2)
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+    gm = annotated(ConvAvgLinear(), (torch.randn(2, 3, 8, 8),))
+    for op in (aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default, aten.flatten.using_ints):
+        assert ANNOTATION_KEY not in calls(gm, op)[0].meta, op
+    linear = calls(gm, aten.linear.default)[0]
+    flatten = calls(gm, aten.flatten.using_ints)[0]
+    assert linear.meta[ANNOTATION_KEY].input_qspec_map[flatten] == get_default_x86_inductor_quantization_config().input_activation
+    converted = quantize(ConvAvgLinear(), (torch.randn(2, 3, 8, 8),))
+    # q/dq only on the conv input and the linear input: nothing around the pools
+    for op in (aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default):
+        pool = calls(converted, op)[0]
+        assert pool.args[0].target not in QDQ_OPS and all(u.target not in QDQ_OPS for u in pool.users)
 
 
 def test_conv_relu_pool_gets_the_q_dq_the_old_flow_gave():
@@ -140,3 +194,53 @@ def test_module_type_none_keeps_linears_float():
     quantizer = x86_quantizer().set_module_type(torch.nn.Linear, None)
     converted = quantize(model, example, quantizer)
     assert count(converted, qd.dequantize_per_channel.default) == 1
+
+
+class HandWrittenLinears(torch.nn.Module):
+    """``x @ w.t() + b`` (weight [out, in]) and ``torch.matmul(y, v)`` (weight [in, out])."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(16, 8))
+        self.b = torch.nn.Parameter(torch.randn(16))
+        self.v = torch.nn.Parameter(torch.randn(16, 4))
+
+    def forward(self, x):
+        return torch.matmul(torch.relu(x @ self.w.t() + self.b), self.v)
+
+
+def test_matmul_with_a_constant_weight_is_annotated_as_a_linear():
+    gm = annotated(HandWrittenLinears(), (torch.randn(2, 5, 8),))
+    config = get_default_x86_inductor_quantization_config()
+    first, second = calls(gm, aten.matmul.default)
+    (t,) = calls(gm, aten.t.default)
+    # x @ w.t(): the weight is quantized per output channel (axis 0) before the transpose,
+    # which belongs to the partition
+    assert first.meta[ANNOTATION_KEY].input_qspec_map[first.args[0]] == config.input_activation
+    assert t.meta[ANNOTATION_KEY].input_qspec_map[t.args[0]] == config.weight
+    assert t.meta[ANNOTATION_KEY]._annotated
+    # torch.matmul(y, v) with v [in, out]: output channels run along axis 1
+    weight_spec = second.meta[ANNOTATION_KEY].input_qspec_map[second.args[1]]
+    assert (weight_spec.dtype, weight_spec.qscheme, weight_spec.ch_axis) == (torch.int8, torch.per_channel_symmetric, 1)
+    assert second.meta[ANNOTATION_KEY].input_qspec_map[second.args[0]] == config.input_activation
+    converted = quantize(HandWrittenLinears(), (torch.randn(2, 5, 8),))
+    axes = sorted(n.args[3] for n in calls(converted, qd.dequantize_per_channel.default))
+    assert axes == [0, 1]
+
+
+def test_matmul_of_two_activations_is_not_a_linear():
+    class Attention(torch.nn.Module):
+        def forward(self, q, k):
+            return q @ k.transpose(-1, -2)
+
+    gm = annotated(Attention(), (torch.randn(2, 5, 8), torch.randn(2, 4, 8)))
+    assert all(ANNOTATION_KEY not in n.meta for n in calls(gm, aten.matmul.default, aten.transpose.int))
+
+
+def test_qat_annotates_only_the_axis_0_matmul_weight():
+    # the fused QAT fake-quantizer is per channel on axis 0 only: torch.matmul(y, v[in, out]) stays float
+    gm = annotated(HandWrittenLinears(), (torch.randn(2, 5, 8),), get_default_x86_inductor_quantization_config(is_qat=True))
+    first, second = calls(gm, aten.matmul.default)
+    (t,) = calls(gm, aten.t.default)
+    assert t.meta[ANNOTATION_KEY].input_qspec_map[t.args[0]].ch_axis == 0
+    assert ANNOTATION_KEY not in second.meta

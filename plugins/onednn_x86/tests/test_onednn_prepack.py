@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import qcore
+from qcore.coverage import NothingAnnotatedWarning
 from qcore.records import LoweringContext
 
 from _onednn_helpers import (
@@ -171,3 +174,121 @@ def test_dynamic_activation_uses_the_tensor_overload():
     assert count(lowered, onednn.qlinear_pointwise.tensor) == 2
     assert count(lowered, qd.dequantize_per_tensor.tensor) == 0
     assert_close_to_reference(converted, lowered, example, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- linear as matmul / bmm
+class MatmulTransposedWeight(torch.nn.Module):
+    """``x @ w.t() + b`` followed by relu: a linear written by hand."""
+
+    def __init__(self, transpose_input=False):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(16, 8) * 0.3)
+        self.b = torch.nn.Parameter(torch.randn(16) * 0.1)
+        self.transpose_input = transpose_input
+
+    def forward(self, x):
+        if self.transpose_input:
+            x = x.transpose(0, 1)
+        return torch.relu(x @ self.w.t() + self.b)
+
+
+class MatmulInOutWeight(torch.nn.Module):
+    """``torch.matmul(x, w)`` with ``w`` stored [in, out] (weight quantized on axis 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8, 16) * 0.3)
+
+    def forward(self, x):
+        return torch.matmul(x, self.w)
+
+
+class LinearOnTransposedInput(torch.nn.Module):
+    """A linear on a non-contiguous N-D input: its CIA decomposition is ``expand + bmm``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 16)
+
+    def forward(self, x):
+        return self.fc(x.transpose(0, 1))
+
+
+LINEAR_AS_MATMUL_CASES = [  # (model factory, input shape, has a bias add and a relu)
+    (MatmulTransposedWeight, (4, 8), True),
+    (MatmulTransposedWeight, (2, 5, 8), True),
+    (lambda: MatmulTransposedWeight(transpose_input=True), (5, 2, 8), True),
+    (MatmulInOutWeight, (2, 5, 8), False),
+    (MatmulInOutWeight, (3, 2, 5, 8), False),
+    (LinearOnTransposedInput, (5, 2, 8), False),
+    (LinearOnTransposedInput, (5, 2, 3, 8), False),
+]
+MATMUL_FORMS = (aten.matmul.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.expand.default,
+                aten.t.default, aten.permute.default, aten.linear.default)
+
+
+def _assert_one_qlinear(converted, lowered, example):
+    (qlinear,) = calls(lowered, onednn.qlinear_pointwise.default)
+    assert count(lowered, *MATMUL_FORMS) == 0
+    assert qdq_count(lowered) == 1  # only the input quantize remains: no dq around the qlinear
+    assert qlinear.args[0].target == qd.quantize_per_tensor.default
+    assert counters(lowered)["qlinear_weight_prepack_matcher_count"] == 1
+    reference, actual = converted(*example), lowered(*example)
+    assert actual.shape == reference.shape
+    assert_close_to_reference(converted, lowered, example)
+    return qlinear
+
+
+@pytest.mark.parametrize("factory, shape, bias_and_relu", LINEAR_AS_MATMUL_CASES)
+def test_linear_written_as_matmul_lowers_to_one_qlinear(factory, shape, bias_and_relu):
+    example = (torch.randn(*shape),)
+    converted = quantize(factory(), example)
+    assert count(converted, qd.dequantize_per_channel.default) == 1  # the weight was annotated
+    qlinear = _assert_one_qlinear(converted, lower(converted, example), example)
+    if bias_and_relu:
+        assert qlinear.args[6] is not None and qlinear.args[10] == "relu"  # bias add absorbed, relu fused
+
+
+@pytest.mark.parametrize("factory, shape, bias_and_relu", LINEAR_AS_MATMUL_CASES)
+def test_decomposed_matmul_and_expand_bmm_forms_lower_to_one_qlinear(factory, shape, bias_and_relu):
+    example = (torch.randn(*shape),)
+    converted = quantize(factory(), example)
+    decomposed = _cia_decomposed(converted, example)
+    if factory is LinearOnTransposedInput:
+        # the seed's bmm form: expand(dq(x)) -> bmm <- expand(t(dq_pc(w))), then the bias add
+        assert count(decomposed, aten.bmm.default) == 1 and count(decomposed, aten.expand.default) == 2
+    _assert_one_qlinear(converted, lower(decomposed, example), example)
+
+
+def test_bmm_bias_and_weight_are_the_linears():
+    example = (torch.randn(5, 2, 8),)
+    model = LinearOnTransposedInput()
+    converted = quantize(model, example)
+    lowered = lower(_cia_decomposed(converted, example), example)
+    (qlinear,) = calls(lowered, onednn.qlinear_pointwise.default)
+    bias = functools.reduce(getattr, qlinear.args[6].target.split("."), lowered)
+    assert torch.equal(bias, model.fc.bias.detach())
+    assert qlinear.args[7:11] == (1.0, 0, torch.float32, "none")
+
+
+def test_matmul_of_two_activations_and_a_batched_constant_are_left_alone():
+    class TwoActivations(torch.nn.Module):
+        def forward(self, x, y):
+            return x @ y.transpose(-1, -2)
+
+    class BatchedWeight(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(2, 8, 16))
+
+        def forward(self, x):
+            return x @ self.w
+
+    for model, example in ((TwoActivations(), (torch.randn(2, 5, 8), torch.randn(2, 4, 8))),
+                           (BatchedWeight(), (torch.randn(2, 5, 8),))):
+        with pytest.warns(NothingAnnotatedWarning):
+            converted = quantize(model, example)
+        assert qdq_count(converted) == 0
+        lowered = lower(converted, example)
+        assert count(lowered, onednn.qlinear_pointwise.default) == 0
+        assert count(lowered, aten.matmul.default) == 1

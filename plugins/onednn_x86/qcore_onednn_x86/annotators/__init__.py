@@ -1,15 +1,18 @@
 """The x86 annotators, one module per op family, as ``qcore.Annotator`` records.
 
 qcore runs them longest pattern first (conv -> bn -> add -> relu before conv -> add before
-conv), then the observer-sharing ops (max_pool2d, cat, pools, reshapes) once every compute
-pattern is claimed.
+conv), then the observer-sharing ops (max_pool2d, cat, reshapes) once every compute pattern is
+claimed.
+
+Average pools are deliberately left float (see ``common.SHARING_OPS``): the consumer of the
+average quantizes it with its own observer.
 """
 
 from __future__ import annotations
 
 import qcore
 
-from qcore_onednn_x86.annotators import avg_pool2d, cat, conv, conv_bn, linear, max_pool2d, reshape
+from qcore_onednn_x86.annotators import cat, conv, conv_bn, linear, max_pool2d, reshape
 
 BACKEND = "onednn"
 STATIC = {"static", "qat"}
@@ -39,7 +42,6 @@ def x86_annotators() -> list:
         record("x86_linear_unary", linear.annotate_linear_unary, ("linear", "unary"), WITH_DYNAMIC),
         record("x86_linear", linear.annotate_linear, ("linear",), WITH_DYNAMIC),
         record("x86_max_pool2d", max_pool2d.annotate_max_pool2d, ("max_pool2d",), shares_input=True),
-        record("x86_avg_pool2d", avg_pool2d.annotate_avg_pool2d, ("avg_pool2d",), shares_input=True),
         record("x86_cat", cat.annotate_cat, ("cat",), shares_input=True),
         record("x86_reshape", reshape.annotate_reshape, ("reshape",), shares_input=True),
     ]

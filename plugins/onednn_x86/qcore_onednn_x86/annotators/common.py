@@ -107,12 +107,18 @@ def claim_partition(nodes: list[Node], output: Node, config: QuantizationConfig,
     return nodes
 
 
-# ops that keep int8 values int8 (the output shares the input's observer)
+# ops that keep int8 values int8 (the output shares the input's observer): they only select or
+# move values, so running them on uint8 data is exact.
+#
+# (adaptive_)avg_pool2d is not one of them. Sharing would requantize the average on the input's
+# grid, whose step is set by the largest activations, while the average has a much narrower range
+# (and the noise averaging removed from the input comes back as one rounding of the output): on the
+# bench ResNet-style CNN that cost 0.9 dB of SQNR against leaving the pool float and letting its
+# consumer (flatten -> linear) quantize the average with its own observer, which is also one q/dq
+# pair fewer. The lowering has no int8 avg-pool kernel: the pool ran on dequantized floats anyway.
 SHARING_OPS = (
     aten.max_pool2d.default,
     aten.cat.default,
-    aten.adaptive_avg_pool2d.default,
-    aten.avg_pool2d.default,
     aten.flatten.using_ints,
     aten.view.default,
     aten.reshape.default,
@@ -142,6 +148,74 @@ def weight_is_constant(node: Node) -> bool:
     return isinstance(weight, Node) and weight.op == "get_attr"
 
 
+MATMUL_OPS = (aten.matmul.default,)
+TRANSPOSE_OPS = (aten.t.default, aten.permute.default, aten.transpose.int)
+
+
+def _is_2d_float_constant(node: Any) -> bool:
+    val = node_val(node)
+    return (
+        isinstance(node, Node)
+        and node.op == "get_attr"
+        and isinstance(val, torch.Tensor)
+        and val.dim() == 2
+        and val.dtype.is_floating_point
+    )
+
+
+def _swaps_the_two_dims(node: Node) -> bool:
+    """True for ``t(w)``, ``permute(w, [1, 0])`` and ``transpose(w, 0, 1)`` of a 2-D ``w``."""
+    if node.target is aten.t.default:
+        return True
+    if node.target is aten.permute.default:
+        return [d % 2 for d in node.args[1]] == [1, 0]
+    if node.target is aten.transpose.int:
+        return sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+    return False
+
+
+class LinearWeight:
+    """Where a linear-like op's constant weight is quantized: the ``weight`` get_attr, the node
+    whose input edge from it gets the weight spec (``consumer``), the per-channel axis that runs
+    along the output features, and the transpose node between them (or None)."""
+
+    def __init__(self, weight: Node, consumer: Node, ch_axis: int, transpose: Optional[Node]) -> None:
+        self.weight, self.consumer, self.ch_axis, self.transpose = weight, consumer, ch_axis, transpose
+
+
+def linear_weight(node: Any) -> Optional[LinearWeight]:
+    """The constant weight of a linear-like op, or None when ``node`` is not one.
+
+    Linear-like: ``linear(x, w)``; ``matmul(x, t(w))`` (``x @ w.t()``, also ``permute(w, [1, 0])``
+    / ``transpose(w, 0, 1)``), whose weight ``[out, in]`` is quantized per channel on axis 0 before
+    the transpose; ``matmul(x, w)`` with ``w`` stored ``[in, out]``, quantized on axis 1. ``x``
+    must be a float tensor of rank >= 2 (a matmul of two activations is not linear-like).
+    """
+    if is_call(node, LINEAR_OPS):
+        return LinearWeight(node.args[1], node, 0, None) if weight_is_constant(node) else None
+    if not is_call(node, MATMUL_OPS) or len(node.args) != 2:
+        return None
+    x, w = node.args
+    x_val = node_val(x)
+    if not isinstance(x_val, torch.Tensor) or x_val.dim() < 2 or not x_val.dtype.is_floating_point:
+        return None
+    if _is_2d_float_constant(w):
+        return LinearWeight(w, node, 1, None)
+    if (
+        is_call(w, TRANSPOSE_OPS)
+        and len(w.users) == 1
+        and _is_2d_float_constant(w.args[0])
+        and _swaps_the_two_dims(w)
+    ):
+        return LinearWeight(w.args[0], w, 0, w)
+    return None
+
+
+def is_linear_like(node: Any) -> bool:
+    """True for linear, and for a matmul whose second operand is a (transposed) constant."""
+    return linear_weight(node) is not None
+
+
 __all__ = [
     "QUANTIZED_PATTERN_OUTPUT",
     "CONV_OPS",
@@ -161,5 +235,9 @@ __all__ = [
     "is_int8_capable_output",
     "SHARING_OPS",
     "weight_is_constant",
+    "MATMUL_OPS",
+    "LinearWeight",
+    "linear_weight",
+    "is_linear_like",
     "get_annotation",
 ]

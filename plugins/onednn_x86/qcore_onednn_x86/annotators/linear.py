@@ -1,4 +1,4 @@
-"""x86 annotators for linear and its fused post-ops.
+"""x86 annotators for linear (and linear written as a matmul) and its fused post-ops.
 
 Activation uint8 (static or dynamic), weight int8 per channel; the extra input of a binary
 add stays float (oneDNN reads it as a float ``other``)::
@@ -6,13 +6,25 @@ add stays float (oneDNN reads it as a float ``other``)::
     linear                      x:u8, w:i8 ──▶ linear
     linear -> unary             x:u8, w:i8 ──▶ linear ──▶ relu | gelu | relu6 | hardtanh | hardswish | silu
     linear -> add [-> relu]     x:u8, w:i8 ──▶ linear ──▶ add ◀── extra (float)   [──▶ relu]
+
+"linear" is any linear-like op (``common.linear_weight``): ``aten.linear``, or a matmul of an
+activation with a constant weight, as ``x @ w.t()`` exports (``matmul(x, t(w))``: the weight is
+quantized on axis 0 before the transpose, which joins the partition) or ``torch.matmul(x, w)``
+with ``w`` stored ``[in, out]`` (quantized on axis 1; not under QAT, whose fused per-channel
+fake-quantizer only runs on axis 0)::
+
+    x:u8 ──▶ matmul ◀── t ◀── w:i8 (axis 0)          x:u8 ──▶ matmul ◀── w:i8 (axis 1)
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
+import attrs
 from torch.fx import GraphModule, Node
 
-from qcore.spec import QuantizationConfig
+from qcore.annotation import annotate_input
+from qcore.spec import QuantizationConfig, get_input_act_qspec, get_weight_qspec
 
 from qcore_onednn_x86.annotators.common import (
     ADD_OPS,
@@ -23,41 +35,66 @@ from qcore_onednn_x86.annotators.common import (
     annotate_weighted_op,
     claim_partition,
     is_call,
+    linear_weight,
     should_skip,
     single_user,
-    weight_is_constant,
 )
 from qcore_onednn_x86.annotators.conv import extra_input_of_add
 
 
-def _linears(model: GraphModule) -> list[Node]:
-    return [n for n in model.graph.nodes if is_call(n, LINEAR_OPS) and weight_is_constant(n)]
+def _linears(model: GraphModule, config: QuantizationConfig) -> list[tuple[Node, list[Node]]]:
+    """Each linear-like node with the extra nodes its partition claims (a weight transpose)."""
+    found = []
+    for node in model.graph.nodes:
+        weight = linear_weight(node)
+        if weight is None:
+            continue
+        if not is_call(node, LINEAR_OPS) and get_weight_qspec(config) is None:
+            continue  # a matmul is only linear-like with a quantized weight
+        if weight.ch_axis != 0 and config is not None and config.is_qat:
+            continue  # the fused QAT fake-quantizer is per channel on axis 0 only
+        found.append((node, [weight.transpose] if weight.transpose is not None else []))
+    return found
+
+
+def annotate_linear_like(node: Node, config: QuantizationConfig) -> None:
+    """Quantize a linear-like node's activation and constant weight (bias float)."""
+    if is_call(node, LINEAR_OPS):
+        annotate_weighted_op(node, config)
+        return
+    weight = linear_weight(node)
+    assert weight is not None
+    annotate_input(node, node.args[0], get_input_act_qspec(config))
+    spec = get_weight_qspec(config)
+    if spec is not None and spec.ch_axis is not None and spec.ch_axis != weight.ch_axis:
+        spec = attrs.evolve(spec, ch_axis=weight.ch_axis)  # [in, out] storage: output features on axis 1
+    annotate_input(weight.consumer, weight.weight, spec)
 
 
 def annotate_linear(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
     """A lone linear."""
     partitions = []
-    for linear in _linears(model):
-        if should_skip([linear], filter_fn):
+    for linear, extra in _linears(model, config):
+        if should_skip([linear, *extra], filter_fn):
             continue
-        annotate_weighted_op(linear, config)
-        partitions.append(claim_partition([linear], linear, config))
+        annotate_linear_like(linear, config)
+        partitions.append(claim_partition([*extra, linear], linear, config))
     return partitions
 
 
 def annotate_linear_unary(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
     """linear followed by its only user, a unary post-op oneDNN fuses."""
     partitions = []
-    for linear in _linears(model):
+    for linear, extra in _linears(model, config):
         unary = single_user(linear)
-        if not is_call(unary, LINEAR_UNARY_OPS) or should_skip([linear, unary], filter_fn):
+        if not is_call(unary, LINEAR_UNARY_OPS) or should_skip([linear, unary, *extra], filter_fn):
             continue
-        annotate_weighted_op(linear, config)
-        partitions.append(claim_partition([linear, unary], unary, config))
+        annotate_linear_like(linear, config)
+        partitions.append(claim_partition([*extra, linear, unary], unary, config))
     return partitions
 
 
-def _linear_add(linear: Node):
+def _linear_add(linear: Node) -> Optional[Node]:
     add = single_user(linear)
     if not is_call(add, ADD_OPS) or extra_input_of_add(add, linear) is None:
         return None
@@ -67,23 +104,23 @@ def _linear_add(linear: Node):
 def annotate_linear_add(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
     """linear + add(extra float tensor of the same shape)."""
     partitions = []
-    for linear in _linears(model):
+    for linear, extra in _linears(model, config):
         add = _linear_add(linear)
-        if add is None or should_skip([linear, add], filter_fn):
+        if add is None or should_skip([linear, add, *extra], filter_fn):
             continue
-        annotate_weighted_op(linear, config)
-        partitions.append(claim_partition([linear, add], add, config))
+        annotate_linear_like(linear, config)
+        partitions.append(claim_partition([*extra, linear, add], add, config))
     return partitions
 
 
 def annotate_linear_add_relu(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
     """linear + add(extra) + relu, one fused partition."""
     partitions = []
-    for linear in _linears(model):
+    for linear, extra in _linears(model, config):
         add = _linear_add(linear)
         relu = single_user(add) if add is not None else None
-        if not is_call(relu, RELU_OPS) or should_skip([linear, add, relu], filter_fn):
+        if not is_call(relu, RELU_OPS) or should_skip([linear, add, relu, *extra], filter_fn):
             continue
-        annotate_weighted_op(linear, config)
-        partitions.append(claim_partition([linear, add, relu], relu, config))
+        annotate_linear_like(linear, config)
+        partitions.append(claim_partition([*extra, linear, add, relu], relu, config))
     return partitions

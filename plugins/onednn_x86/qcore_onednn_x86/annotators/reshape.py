@@ -1,7 +1,7 @@
 """x86 annotator for flatten / view / reshape between a quantized producer and a quantized
-consumer (conv, linear, pools, cat), so the reshape runs on uint8.
+consumer (conv, linear or linear-like matmul, max_pool2d, cat), so the reshape runs on uint8.
 
-    avg_pool ──▶ [obs A] ──▶ flatten ──▶ [obs A] ──▶ linear
+    max_pool2d ──▶ [obs A] ──▶ flatten ──▶ [obs A] ──▶ linear
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from qcore_onednn_x86.annotators.common import (
     SHARING_OPS,
     is_call,
     is_int8_capable_output,
+    is_linear_like,
     should_skip,
 )
 from qcore_onednn_x86.annotators.sharing import annotate_sharing_op
@@ -35,7 +36,7 @@ def annotate_reshape(model: GraphModule, config: QuantizationConfig, filter_fn: 
             continue
         if not is_int8_capable_output(node.args[0]):
             continue
-        if not any(is_call(user, QUANTIZED_CONSUMERS) for user in node.users):
+        if not any(is_call(user, QUANTIZED_CONSUMERS) or is_linear_like(user) for user in node.users):
             continue
         partitions.append(annotate_sharing_op(node, [node.args[0]], config))
     return partitions

@@ -1,19 +1,27 @@
 """Replace ``dq(x) -> linear <- dq_per_channel(int8 w)`` by a oneDNN quantized linear with a
-prepacked weight, for 2-D and N-D inputs.
+prepacked weight, for 2-D and N-D inputs, in every form a linear takes in an exported graph.
 
 Before (qcore's convert output, or its CIA decomposition)::
 
     dq(x) ──▶ linear(·, dq_pc(w), b)                                 (any rank)
-    dq(x) ──▶ addmm(b, ·, t(dq_pc(w))) | mm(·, t(dq_pc(w)))          (2-D)
-    dq(x) ──▶ view/reshape(·, [-1, K]) ──▶ addmm|mm ──▶ view/reshape(·, x.shape[:-1] + [N])
+    dq(x) ──▶ matmul(·, t(dq_pc(w))) [──▶ add(·, b)]                 (x @ w.t() [+ b], any rank)
+    dq(x) ──▶ matmul(·, dq_pc(w_in_out, axis=1)) [──▶ add(·, b)]     (torch.matmul(x, w), w [in, out])
+    dq(x) ──▶ addmm(b, ·, t(dq_pc(w))) | mm(·, t(dq_pc(w))) [──▶ add(·, b)]          (2-D)
+    dq(x) ──▶ view/reshape(·, [-1, K]) ──▶ addmm|mm ──▶ view/reshape(·, x.shape[:-1] + [N]) [──▶ add(·, b)]
+    dq(x) ──▶ expand ──▶ [clone] [view] ──▶ bmm ◀── [view] ◀── expand(·, [..., K, N]) ◀── t(dq_pc(w))
+                                     └──▶ [view(·, x.shape[:-1] + [N])] [──▶ add(·, b)]
+                                                                     (matmul of an N-D input
+                                                                      that cannot be folded to 2-D)
 
 After::
 
     q(x) ──▶ onednn.qlinear_pointwise(qx, x_scale, x_zp, packed, w_scale, w_zp, b, 1.0, 0, f32, "none", [], "")
 
-The N-D forms become one qlinear on the N-D quantized input (no reshapes left). A dynamic
-(``.tensor``) activation dequantize yields ``qlinear_pointwise.tensor``. ``t`` is treated as
-``permute([1, 0])`` and ``view`` as ``reshape``. Not matched: the ``expand + bmm`` form.
+The N-D forms become one qlinear on the N-D quantized input (no reshape, expand or bmm left);
+the bias add after a matmul/mm/bmm (a 1-D tensor of the output width) becomes the qlinear's bias.
+A ``[in, out]`` weight (axis-1 scales) is packed transposed. A dynamic (``.tensor``) activation
+dequantize yields ``qlinear_pointwise.tensor``. ``t``, ``permute([1, 0])`` and
+``transpose(0, 1)`` are one transpose, ``view`` / ``_unsafe_view`` are ``reshape``.
 Counter: ``qlinear_weight_prepack_matcher_count`` / ``_nodes``.
 """
 
@@ -28,6 +36,7 @@ from torch.fx import GraphModule, Node
 from qcore.records import LoweringContext
 
 from qcore_onednn_x86.lowering.graph_utils import (
+    DQ_PER_CHANNEL,
     ActivationQParams,
     act_dequantize,
     aten,
@@ -53,20 +62,65 @@ RESHAPE_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.defaul
 ACT_DTYPES = (torch.uint8, torch.int8)
 
 
-class LinearMatch:
-    """One matched linear: the activation dequantize, the weight dequantize, the bias, the node
-    whose output the qlinear replaces, and the nodes that go away."""
+EXPAND_OPS = (aten.expand.default,)
 
-    def __init__(self, x: ActivationQParams, w_dq: Node, bias: Any, replaced: Node, removed: list) -> None:
+
+class LinearMatch:
+    """One matched linear: the activation dequantize, the weight dequantize (``w_axis`` 0: a
+    ``[out, in]`` weight, 1: ``[in, out]``), the bias, the node whose output the qlinear
+    replaces, and the nodes that go away."""
+
+    def __init__(self, x: ActivationQParams, w_dq: Node, bias: Any, replaced: Node, removed: list, w_axis: int = 0) -> None:
         self.x, self.w_dq, self.bias, self.replaced, self.removed = x, w_dq, bias, replaced, removed
+        self.w_axis = w_axis
 
 
 def _transposed_weight(node: Any) -> Optional[Node]:
+    """``w`` of ``t(w)`` / ``permute(w, [1, 0])`` / ``transpose(w, 0, 1)`` on a 2-D ``w``."""
     if is_call(node, (aten.t.default,)):
         return node.args[0]
-    if is_call(node, (aten.permute.default,)) and list(node.args[1]) == [1, 0]:
+    if is_call(node, (aten.permute.default,)) and [d % 2 for d in node.args[1]] == [1, 0]:
         return node.args[0]
+    if is_call(node, (aten.transpose.int,)) and sorted(d % 2 for d in node.args[1:3]) == [0, 1]:
+        val = tensor_val(node)
+        return node.args[0] if val is not None and val.dim() == 2 else None
     return None
+
+
+def _weight_operand(node: Any) -> Optional[tuple[Node, int, list]]:
+    """The weight dequantize behind a matmul/bmm's weight operand: ``(dq_pc, axis, chain)`` where
+    ``chain`` lists the transpose between them (axis 0, ``[out, in]`` weight) or is empty (the
+    dequantize itself, axis 1, ``[in, out]`` weight)."""
+    if not isinstance(node, Node) or len(node.users) != 1:
+        return None
+    inner = _transposed_weight(node)
+    if inner is not None:
+        return (inner, 0, [node]) if is_call(inner, DQ_PER_CHANNEL) else None
+    if is_call(node, DQ_PER_CHANNEL) and node.args[3] == 1:
+        return node, 1, []
+    return None
+
+
+def _weight_shape(w_dq: Node, axis: int) -> Optional[tuple[int, int]]:
+    """``(out_features, in_features)`` of a 2-D weight dequantize stored per ``axis``."""
+    shape = static_shape(w_dq)
+    if shape is None or len(shape) != 2:
+        return None
+    return (shape[0], shape[1]) if axis == 0 else (shape[1], shape[0])
+
+
+def _with_bias_add(node: Node, out_features: int) -> tuple[Node, Any]:
+    """``(add, b)`` when ``node``'s only user adds a 1-D float ``b`` of ``out_features``
+    elements (a linear's bias written as an add); else ``(node, None)``."""
+    add = single_user(node)
+    if not is_call(add, (aten.add.Tensor,)) or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+        return node, None
+    a, b = add.args
+    bias = b if a is node else a if b is node else None
+    val = tensor_val(bias)
+    if bias is node or val is None or list(val.shape) != [out_features] or val.dtype != torch.float32:
+        return node, None
+    return add, bias
 
 
 def _match_linear(node: Node) -> Optional[LinearMatch]:
@@ -88,10 +142,11 @@ def _match_decomposed(node: Node) -> Optional[LinearMatch]:
         bias, (act, wt) = None, node.args
     else:
         return None
-    w_dq = _transposed_weight(wt)
-    if w_dq is None or len(wt.users) != 1:
+    weight = _weight_operand(wt)
+    if weight is None:
         return None
-    removed = [node, wt]
+    w_dq, axis, chain = weight
+    removed = [node, *chain]
     replaced = node
     flatten = None
     if is_call(act, RESHAPE_OPS):
@@ -110,11 +165,116 @@ def _match_decomposed(node: Node) -> Optional[LinearMatch]:
             return None
         if out_shape != x_shape[:-1] + [n[-1]]:
             return None
-        removed = [restore, node, wt, flatten]
+        removed = [restore, node, *chain, flatten]
         replaced = restore
     if isinstance(bias, Node) and (tensor_val(bias) is None or tensor_val(bias).dim() != 1):
         return None  # a broadcast bias matrix is not a linear bias
-    return LinearMatch(x, w_dq, bias, replaced, removed)
+    if bias is None:
+        shape = _weight_shape(w_dq, axis)
+        if shape is not None:
+            add, bias = _with_bias_add(replaced, shape[0])
+            if add is not replaced:
+                removed, replaced = [add, *removed], add
+    return LinearMatch(x, w_dq, bias, replaced, removed, axis)
+
+
+def _match_matmul(node: Node) -> Optional[LinearMatch]:
+    """``matmul(dq(x), t(dq_pc(w)))`` or ``matmul(dq(x), dq_pc(w_in_out, axis=1))`` [+ bias add]."""
+    if not is_call(node, (aten.matmul.default,)) or len(node.args) != 2:
+        return None
+    act, wt = node.args
+    weight = _weight_operand(wt)
+    x = act_dequantize(act, ACT_DTYPES)
+    if weight is None or x is None or len(x.node.users) != 1:
+        return None
+    w_dq, axis, chain = weight
+    x_shape, shape = static_shape(x.node), _weight_shape(w_dq, axis)
+    if x_shape is None or len(x_shape) < 2 or shape is None or x_shape[-1] != shape[1]:
+        return None
+    replaced, bias = _with_bias_add(node, shape[0])
+    removed = ([replaced] if replaced is not node else []) + [node, *chain]
+    return LinearMatch(x, w_dq, bias, replaced, removed, axis)
+
+
+def _skip_views(node: Any, chain: list, through_clone: bool = False) -> Any:
+    """Walk up through single-user view/reshape nodes (and contiguous clones when
+    ``through_clone``), appending them to ``chain``."""
+    while len(getattr(node, "users", ())) == 1 and (
+        is_call(node, RESHAPE_OPS)
+        or (through_clone and is_call(node, (aten.clone.default,))
+            and node.kwargs.get("memory_format", torch.contiguous_format) == torch.contiguous_format)
+    ):
+        chain.append(node)
+        node = node.args[0]
+    return node
+
+
+def _match_bmm(node: Node) -> Optional[LinearMatch]:
+    """The ``expand + bmm`` form of a linear on an N-D input (see the module docstring)."""
+    if not is_call(node, (aten.bmm.default,)):
+        return None
+    act_chain: list = []
+    act_expand = _skip_views(node.args[0], act_chain, through_clone=True)
+    w_chain: list = []
+    w_expand = _skip_views(node.args[1], w_chain)
+    if not (is_call(act_expand, EXPAND_OPS) and is_call(w_expand, EXPAND_OPS)):
+        return None
+    if len(act_expand.users) != 1 or len(w_expand.users) != 1:
+        return None
+    x = act_dequantize(act_expand.args[0], ACT_DTYPES)
+    weight = _weight_operand(w_expand.args[0])
+    if x is None or weight is None or len(x.node.users) != 1:
+        return None
+    w_dq, axis, chain = weight
+    x_shape, shape = static_shape(x.node), _weight_shape(w_dq, axis)
+    if x_shape is None or len(x_shape) < 3 or shape is None:
+        return None
+    out_features, in_features = shape
+    batch = 1
+    for size in x_shape[:-2]:
+        batch *= size
+    # no broadcasting: the activation is expanded to its own shape, the [K, N] weight to the
+    # activation's batch dims (then viewed as [batch, K, N])
+    if list(act_expand.args[1]) != x_shape or x_shape[-1] != in_features:
+        return None
+    if list(w_expand.args[1]) not in ([batch, in_features, out_features], x_shape[:-2] + [in_features, out_features]):
+        return None
+    if static_shape(node.args[0]) != [batch, x_shape[-2], in_features]:
+        return None
+    if static_shape(node.args[1]) != [batch, in_features, out_features]:
+        return None
+    out = node
+    restore = single_user(node)
+    if is_call(restore, RESHAPE_OPS):
+        out = restore
+    if static_shape(out) != x_shape[:-1] + [out_features]:
+        return None
+    replaced, bias = _with_bias_add(out, out_features)
+    removed = (
+        ([replaced] if replaced is not out else [])
+        + ([out] if out is not node else [])
+        + [node, *act_chain, act_expand, *w_chain, w_expand, *chain]
+    )
+    return LinearMatch(x, w_dq, bias, replaced, removed, axis)
+
+
+def _packable_weight(model: GraphModule, match: LinearMatch) -> Optional[tuple]:
+    """``(int8 [out, in] weight tensor, scale node, zero-point node)`` of the match, or None."""
+    if match.w_axis == 0:
+        weight = weight_dequantize(model, match.w_dq)
+        if weight is None:
+            return None
+        w_node, w_scale_node, w_zp_node = weight
+        return get_constant(model, w_node), w_scale_node, w_zp_node
+    w, scale, zero_point, axis, _qmin, _qmax, dtype = (list(match.w_dq.args) + [None] * 7)[:7]
+    w_int8 = get_constant(model, w)
+    if axis != 1 or dtype != torch.int8 or w_int8 is None or w_int8.dtype != torch.int8 or w_int8.dim() != 2:
+        return None
+    if get_constant(model, scale) is None or get_constant(model, zero_point) is None:
+        return None
+    if match.w_dq.kwargs.get("out_dtype") not in (None, torch.float32):
+        return None
+    return w_int8.t().contiguous(), scale, zero_point  # [in, out] -> [out, in]; scales run along out
 
 
 def prepack_linear_weights(model: GraphModule, context: LoweringContext) -> bool:
@@ -126,17 +286,16 @@ def prepack_linear_weights(model: GraphModule, context: LoweringContext) -> bool
     for node in list(graph.nodes):
         if node.graph is None:
             continue
-        match = _match_linear(node) or _match_decomposed(node)
+        match = _match_linear(node) or _match_decomposed(node) or _match_matmul(node) or _match_bmm(node)
         if match is None:
             continue
-        weight = weight_dequantize(model, match.w_dq)
+        weight = _packable_weight(model, match)
         if weight is None:
             continue
         out_val = tensor_val(match.replaced)
         if out_val is None or out_val.dtype != torch.float32 or out_val.device.type != "cpu":
             continue
-        w_node, w_scale_node, w_zp_node = weight
-        w_int8 = get_constant(model, w_node)
+        w_int8, w_scale_node, w_zp_node = weight
         if w_int8.dim() != 2:
             continue
         try:
