@@ -432,8 +432,11 @@ def test_grid_errors_redo_the_bins_where_torch_rounds_an_integer_quotient_down_o
     is redone with torch's destination bin and the error stays bit-identical."""
     bins, bin_width = 2048, 6.771087646484375e-05
     kernel = histogram_search.GridErrors(np.ones(bins, dtype=np.float32), bin_width, 256)
-    [point] = kernel._integer_points([172], [2025], kernel._candidate_columns([172], [2025]))
-    assert point == (0, 1099, 127, 128, 128)  # (row, bin, floor(t) here, torch's begin / end bins)
+    columns = kernel._candidate_columns([172], [2025])
+    rows, bins_at, begin, end = kernel._integer_points([172], [2025], columns)
+    assert (rows.tolist(), bins_at.tolist(), begin.tolist(), end.tolist()) == ([0], [1099], [128.0], [128.0])
+    m = np.arange(bins + 1, dtype=np.float32) - np.float32(172)
+    assert kernel._destination_bins(m[None, :], columns[2], columns[3])[0, 1099] == 127.0  # floor(t) is off
     ref = ao.HistogramObserver(bins=bins)
     ref.histogram.copy_(torch.randint(1, 50, (bins,), generator=torch.Generator().manual_seed(0)).float())
     ref.min_val.fill_(-0.0625)

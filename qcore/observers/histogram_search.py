@@ -10,10 +10,12 @@ the previous one. This module finds the same (start_bin, end_bin), bit for bit:
   Python iteration);
 * the errors of a batch of candidates are computed at once, one row per candidate, with every
   float32 operation torch.ao performs for that candidate (so each row sums to torch.ao's error
-  exactly); :class:`GridErrors` does it in about half the operations of the generic
-  :class:`FloorDivErrors`, by taking the destination bin of each source bin edge from exact
-  integer arithmetic instead of a float32 floor division (see its docstring for why that gives
-  torch's answer) and by treating the start and end edge of every bin in one stacked array.
+  exactly); :class:`GridErrors` takes the destination bin of each source bin edge from the
+  exact grid ``floor(m * D / L)`` instead of a float32 floor division (see its docstring for why
+  that is torch's answer), shares it between the bin ending and the bin beginning at the edge,
+  and treats the start and end edge of every bin in one stacked array;
+  :class:`FloorDivErrors` does torch's floor divisions and serves the histograms outside the
+  grid's proven range (e.g. int16's 65536 destination bins).
 
 For one candidate range ``[s, e]`` (``L = e - s + 1`` source bins, ``D`` destination bins of
 width ``w = bin_width * L / D``), torch.ao's per-bin error is::
@@ -35,7 +37,6 @@ from typing import Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
-
 
 __all__ = [
     "FloorDivErrors",
@@ -305,9 +306,11 @@ def _begin_end_views(edge_values: np.ndarray) -> np.ndarray:
     value at each bin's begin edge, ``[1]`` at its end edge (the same memory, shifted by one)."""
     rows, edges = edge_values.shape
     row_stride, column_stride = edge_values.strides
-    return np.lib.stride_tricks.as_strided(
-        edge_values, shape=(2, rows, edges - 1), strides=(column_stride, row_stride, column_stride), writeable=False
+    views = np.ndarray(
+        (2, rows, edges - 1), edge_values.dtype, edge_values, strides=(column_stride, row_stride, column_stride)
     )
+    views.flags.writeable = False
+    return views
 
 
 class GridErrors:
@@ -324,10 +327,12 @@ class GridErrors:
     Both bounds hold for every edge the clamp does not settle anyway (``|t| <= D + 1``) when
     ``(bins + 1) * (D + 1) * 8 u < 1`` (:meth:`applies`; 2048 bins and 256 destination bins use
     a quarter of that). Where ``t`` is an integer strictly between 0 and D (``g - 1`` edges per
-    candidate, ``g = gcd(D, L)``), float32 rounding decides which side torch lands on, so those
-    edges get torch's own floor division (numpy's float32 ``floor_divide``, the same algorithm)
-    and the few bins where it differs are redone; at ``t = 0`` both are 0, at ``t = D`` or beyond
-    the clamp gives ``D - 1`` either way.
+    candidate, ``g = gcd(D, L)``), float32 rounding decides which side torch lands on: its floor
+    division (``fmod``-based, rounded to the nearest integer at the end) returns the floor of the
+    exact quotient of its two float32 operands, ``n`` when ``edge >= n * w`` and ``n - 1``
+    otherwise; that comparison is made exactly (in double precision) and the bins where it
+    differs from ``floor(t)`` are redone. At ``t = 0`` both are 0, at ``t = D`` or beyond the clamp
+    gives ``D - 1`` either way.
 
     Everything else is torch.ao's float32 arithmetic, operation by operation, on full rows of
     ``bins`` values (bins without data included), so each row's ``torch.sum`` is torch.ao's
@@ -375,17 +380,13 @@ class GridErrors:
         np.subtract(edges[1], centres[1], out=edges[1])
         # error of the part of the source bin in its first / last destination bin:
         # (h^3 - d_b^3) / 3 = ((-d_b)^3 + h^3) / 3 and (d_e^3 + h^3) / 3, times the density
-        half_cubed = half * half
-        half_cubed *= half
         parts = np.multiply(edges, edges, out=centres)
         parts *= edges
-        parts += half_cubed
+        parts += columns[5]
         parts /= f32(3)
         parts *= self.density
         # plus the destination bins it covers completely, each (h^3 - (-h)^3) / 3 times the density
-        full_bin = half_cubed + half_cubed
-        full_bin /= f32(3)
-        covered *= np.multiply(self.density, full_bin, out=edges[0])
+        covered *= np.multiply(self.density, columns[6], out=edges[0])
         norm = np.add(parts[0], covered, out=covered)
         norm += parts[1]
         return _sum_rows(norm)
@@ -396,22 +397,36 @@ class GridErrors:
         columns = self._candidate_columns(starts, ends)
         m = np.subtract(self.edge_indices, columns[4])
         result = _begin_end_views(self._destination_bins(m, columns[2], columns[3])).copy()
-        for row, column, _, begin, end in self._integer_points(starts, ends, columns):
-            result[0, row, column] = begin
-            result[1, row, column - 1] = end
+        points = self._integer_points(starts, ends, columns)
+        if points is not None:
+            rows, bins, begin, end = points
+            result[0, rows, bins] = begin
+            result[1, rows, bins - 1] = end
         return result
 
     def _candidate_columns(self, starts: list[int], ends: list[int]) -> np.ndarray:
         """Per candidate, float32 columns of shape ``(count, 1)``: torch.ao's destination bin
         width ``w`` (the Python float ``bin_width * L / D``, rounded to float32 as torch uses it),
-        its half, ``D / L``, the last ``m`` before the clamp (``L (1 - 1 / 2D)``) and the start."""
+        its half ``h``, ``D / L``, the last ``m`` before the clamp (``L (1 - 1 / 2D)``), the start,
+        ``h^3`` and the error of a fully covered destination bin, ``(h^3 - (-h)^3) / 3`` (both with
+        torch's float32 roundings: ``fl(fl(h * h) * h)`` and ``fl(fl(h^3 + h^3) / 3)``)."""
         dst, bin_width = self.dst_nbins, self.bin_width
         lengths = [e - s + 1 for s, e in zip(starts, ends)]
         widths = [bin_width * n / dst for n in lengths]
+        halves = [to_float32(w / 2) for w in widths]
+        cubes = [to_float32(to_float32(h * h) * h) for h in halves]
         return np.array(
-            [widths, [w / 2 for w in widths], [dst / n for n in lengths], [n * (1.0 - 0.5 / dst) for n in lengths], starts],
+            [
+                widths,
+                halves,
+                [dst / n for n in lengths],
+                [n * (1.0 - 0.5 / dst) for n in lengths],
+                starts,
+                cubes,
+                [to_float32((c + c) / 3) for c in cubes],
+            ],
             dtype=np.float32,
-        ).reshape(5, len(starts), 1)
+        ).reshape(7, len(starts), 1)
 
     @staticmethod
     def _destination_bins(m: np.ndarray, ratio: np.ndarray, last: np.ndarray) -> np.ndarray:
@@ -423,39 +438,37 @@ class GridErrors:
 
     def _integer_points(
         self, starts: list[int], ends: list[int], columns: np.ndarray
-    ) -> list[tuple[int, int, int, int, int]]:
-        """The edges where ``t = m * D / L`` is an integer ``n`` in (0, D): ``(row, bin, my
-        floor(t), torch's destination bin of the bin beginning there, of the bin ending there)``.
+    ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """torch's destination bins at the edges where ``t = m * D / L`` is an integer ``n`` in
+        (0, D): ``(rows, bins, of the bin beginning there, of the bin ending there)``, or None
+        when no candidate has such an edge.
 
         torch's floor division of positive float32 values returns the floor of their exact
         quotient, which here is ``n`` or ``n - 1`` (the operands are within a few roundoffs of
-        ``t``): ``n`` exactly when ``edge >= n * w``, compared exactly in Python floats (the
-        float32 products and sums below are exact in double precision, then rounded once).
+        ``t``): ``n`` exactly when ``edge >= n * w``, compared in double precision, where the
+        product of a float32 and an integer below 2^16 is exact.
         """
-        points = []
-        width = float(self.width)
+        rows: list[int] = []
+        bins: list[int] = []
+        integers: list[int] = []
         for row, (start, end) in enumerate(zip(starts, ends)):
             length = end - start + 1
             common = math.gcd(self.dst_nbins, length)
-            if common == 1:
-                continue
-            period, step = length // common, self.dst_nbins // common
-            dst_width, ratio = float(columns[0, row, 0]), float(columns[2, row, 0])
-            for j in range(1, common):
-                m, n = j * period, j * step
-                threshold = n * dst_width
-                begin = _to_float32(m * width)  # torch.ao's src_bin_begin of bin start + m
-                end_edge = _to_float32(_to_float32((m - 1) * width) + width)  # src_bin_end of the bin before
-                points.append(
-                    (
-                        row,
-                        start + m,
-                        n if _to_float32(m * ratio) >= n else n - 1,
-                        n if begin >= threshold else n - 1,
-                        n if end_edge >= threshold else n - 1,
-                    )
-                )
-        return points
+            if common > 1:
+                period, step = length // common, self.dst_nbins // common
+                rows += [row] * (common - 1)
+                bins += range(start + period, start + length, period)
+                integers += range(step, self.dst_nbins, step)
+        if not rows:
+            return None
+        row_index, bin_index = np.array(rows, dtype=np.intp), np.array(bins, dtype=np.intp)
+        n = np.array(integers, dtype=np.float64)
+        m = bin_index.astype(np.float32) - columns[4, row_index, 0]
+        begin = m * self.width  # torch.ao's src_bin_begin there, and src_bin_end of the bin before
+        end = (m - np.float32(1)) * self.width
+        end += self.width
+        threshold = n * columns[0, row_index, 0].astype(np.float64)
+        return row_index, bin_index, n - (begin < threshold), n - (end < threshold)
 
     def _redo_integer_quotients(
         self,
@@ -468,20 +481,52 @@ class GridErrors:
     ) -> None:
         """Redo the centres and covered counts of the bins whose begin or end edge torch puts in
         another destination bin than ``floor(t)`` (only possible where ``t`` is an integer)."""
-        changed = [point for point in self._integer_points(starts, ends, columns) if point[3] != point[2] or point[4] != point[2]]
-        if not changed:
+        points = self._integer_points(starts, ends, columns)
+        if points is None:
+            return
+        rows, bins, begin, end = points
+        mine = dst_bins[0][rows, bins]
+        begin_changed, end_changed = begin != mine, end != mine
+        if not (begin_changed.any() or end_changed.any()):
             return
         f32 = np.float32
-        # bin -> [destination bin of its begin edge, of its end edge]
-        redo: dict[tuple[int, int], list[float]] = {}
-        for row, column, _, begin, end in changed:
-            redo.setdefault((row, column), [float(dst_bins[0, row, column]), float(dst_bins[1, row, column])])[0] = begin
-            redo.setdefault((row, column - 1), [float(dst_bins[0, row, column - 1]), float(dst_bins[1, row, column - 1])])[1] = end
-        for (row, column), (begin, end) in redo.items():
-            width, half_width = columns[0, row, 0], columns[1, row, 0]
-            centres[0, row, column] = (f32(begin) + f32(0.5)) * width
-            centres[1, row, column] = f32(end) * width + half_width
-            covered[row, column] = f32(end) - f32(begin) - f32(1)
+        # the bins beginning at a changed edge, with their begin/end destination bins, then the
+        # bins ending at one; a bin with both edges at integer points (L divides D) appears in
+        # both lists, so the second takes the first's change into account
+        redo_rows, redo_bins = rows[begin_changed], bins[begin_changed]
+        k_begin, k_end = begin[begin_changed], dst_bins[1][redo_rows, redo_bins]
+        self._redo_bins(columns, redo_rows, redo_bins, k_begin, k_end, centres, covered)
+        end_rows, end_bins = rows[end_changed], bins[end_changed] - 1
+        k_begin = dst_bins[0][end_rows, end_bins]
+        if redo_rows.size and end_rows.size:
+            # a bin whose begin edge was changed above keeps that change
+            changed_begin = dict(zip(zip(redo_rows.tolist(), redo_bins.tolist()), begin[begin_changed].tolist()))
+            k_begin = np.array(
+                [changed_begin.get(key, k) for key, k in zip(zip(end_rows.tolist(), end_bins.tolist()), k_begin.tolist())],
+                dtype=f32,
+            )
+        self._redo_bins(columns, end_rows, end_bins, k_begin, end[end_changed], centres, covered)
+
+    @staticmethod
+    def _redo_bins(
+        columns: np.ndarray,
+        rows: np.ndarray,
+        bins: np.ndarray,
+        k_begin: np.ndarray,
+        k_end: np.ndarray,
+        centres: np.ndarray,
+        covered: np.ndarray,
+    ) -> None:
+        """Centres and covered counts of these bins from these destination bins (torch.ao's
+        float32 operations: ``(k_b + 0.5) * w``, ``k_e * w + h``, ``k_e - k_b - 1``)."""
+        if not rows.size:
+            return
+        f32 = np.float32
+        k_begin, k_end = k_begin.astype(f32), k_end.astype(f32)
+        width, half = columns[0, rows, 0], columns[1, rows, 0]
+        centres[0, rows, bins] = (k_begin + f32(0.5)) * width
+        centres[1, rows, bins] = k_end * width + half
+        covered[rows, bins] = (k_end - k_begin) - f32(1)
 
 
 def range_errors(density: np.ndarray, bin_width: float, dst_nbins: int) -> RangeErrors:
