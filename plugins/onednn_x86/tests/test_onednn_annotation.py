@@ -244,3 +244,28 @@ def test_qat_annotates_only_the_axis_0_matmul_weight():
     (t,) = calls(gm, aten.t.default)
     assert t.meta[ANNOTATION_KEY].input_qspec_map[t.args[0]].ch_axis == 0
     assert ANNOTATION_KEY not in second.meta
+
+
+def test_qat_max_pool2d_shares_the_fake_quantizer_of_a_quantized_producer():
+    # a QAT conv-bn-relu partition quantizes its own output: the pool shares that fake-quantizer
+    # rather than quantizing its input a second time
+    class ConvBnReluPool(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+            self.conv2 = torch.nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.conv2(F.max_pool2d(F.relu(self.bn(self.conv(x))), 2))
+
+    example = (torch.randn(2, 3, 8, 8),)
+    config = get_default_x86_inductor_quantization_config(is_qat=True)
+    exported = torch.export.export(ConvBnReluPool().train(), example).module()
+    prepared = qcore.prepare_qat_pt2e(exported, x86_quantizer(config))
+    pool = calls(prepared, aten.max_pool2d.default)[0]
+    before, after = pool.args[0], next(iter(pool.users))
+    assert getattr(prepared, before.target) is getattr(prepared, after.target)
+    prepared(*example)
+    qcore.move_exported_model_to_eval(prepared)
+    converted = qcore.convert_pt2e(prepared)
+    assert count(converted, qd.quantize_per_tensor.default) == 3  # input, relu/pool (shared), pool output

@@ -10,6 +10,11 @@ qparams gives exactly the quantized output, and the lowering runs the pool on ui
 qparams are chosen from the values the pool lets through only. A shared observer on both sides
 (the old recipe) also histograms the input's many small values the pool drops, which pulls the
 range in and clips more of what survives (0.1 dB of SQNR on the bench ResNet-style CNN).
+
+When the producer quantizes its own output (QAT partitions do), its observer already fixes the
+pool's input, and the pool shares it as before (no second quantization)::
+
+    conv -> bn -> relu ──▶ [fq A] ──▶ max_pool2d ──▶ [fq A, shared] ──▶ ...
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from qcore.annotation import annotate_input, annotate_output
+from qcore.annotation import annotate_input, annotate_output, has_output_spec
 from qcore.spec import DerivedQuantizationSpec, QuantizationConfig, get_input_act_qspec
 
 from qcore_onednn_x86.annotators.common import (
@@ -27,6 +32,7 @@ from qcore_onednn_x86.annotators.common import (
     is_int8_capable_output,
     should_skip,
 )
+from qcore_onednn_x86.annotators.sharing import annotate_sharing_op
 
 
 def qparams_of_the_pool_output(observers: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +51,11 @@ def annotate_max_pool2d(model: GraphModule, config: QuantizationConfig, filter_f
             continue
         x = node.args[0]
         if not is_int8_capable_output(x):
+            continue
+        if has_output_spec(x):
+            # the producer already quantizes its output (a QAT partition): that observer decides
+            # the pool's input anyway, so the pool shares it instead of quantizing twice
+            partitions.append(annotate_sharing_op(node, [x], config))
             continue
         annotate_output(node, spec)
         annotate_input(
