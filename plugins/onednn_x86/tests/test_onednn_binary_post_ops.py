@@ -149,7 +149,7 @@ class LinearResidual(torch.nn.Module):
         self.swap, self.relu = swap, relu
 
     def forward(self, x, other):
-        y = other * 1.0
+        y = torch.relu(other)  # a fresh tensor (Inductor cannot drop relu as a no-op)
         y = y + self.fc(x) if self.swap else self.fc(x) + y
         if self.relu:
             y = torch.relu(y)
@@ -168,7 +168,7 @@ def test_linear_add_float_output_sums_in_place(swap, relu):
     assert_close_to_reference(converted, lowered, example, atol=1e-4)
 
 
-def test_linear_add_with_a_shared_extra_input_stays_an_unfused_add():
+def test_linear_add_with_a_shared_extra_input_adds_out_of_place():
     class Shared(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -181,10 +181,8 @@ def test_linear_add_with_a_shared_extra_input_stays_an_unfused_add():
     example = (torch.randn(4, 16), torch.randn(4, 16))
     converted = quantize(Shared(), example)
     lowered = lower(converted, example)
-    # oneDNN's out-of-place "add" post-op is slower than the add itself
-    assert count(lowered, onednn.qlinear_pointwise.binary) == 0
-    (linear,) = calls(lowered, onednn.qlinear_pointwise.default)
-    assert [user.target for user in linear.users] == [aten.add.Tensor]
+    (binary,) = calls(lowered, onednn.qlinear_pointwise.binary)
+    assert binary.args[13] == "add"
     for r, a in zip(converted(*example), lowered(*example)):
         assert (r - a).abs().max() < 1e-4
 
@@ -218,8 +216,57 @@ def test_linear_add_is_not_summed_in_place_when_the_extra_input_is_read_afterwar
     example = (torch.randn(2, 4, 16),)
     converted = quantize(FeedForwardResidual(read_after=True), example)
     lowered = lower(converted, example)
-    assert count(lowered, onednn.qlinear_pointwise.binary) == 0
+    (binary,) = calls(lowered, onednn.qlinear_pointwise.binary)
+    assert binary.args[13] == "add"
     assert_close_to_reference(converted, lowered, example, atol=1e-3)
+
+
+def test_linear_add_does_not_sum_into_a_tensor_inductor_may_drop_as_a_no_op():
+    class TimesOne(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, x, other):
+            return self.fc(x) + other * 1.0  # compiled, "other * 1.0" is "other", the caller's
+
+    example = (torch.randn(4, 16), torch.randn(4, 16))
+    converted = quantize(TimesOne(), example)
+    lowered = lower(converted, example)
+    (binary,) = calls(lowered, onednn.qlinear_pointwise.binary)
+    assert binary.args[13] == "add"
+    assert_close_to_reference(converted, lowered, example, atol=1e-4)
+
+
+class AttentionOutputResidual(torch.nn.Module):
+    """out_proj(x) + x, the extra input a graph input, then a layer norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+        self.norm = torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(self.fc(x) + x)
+
+
+@pytest.mark.slow
+def test_compiled_linear_add_on_a_graph_input_leaves_the_input_alone():
+    import qcore
+
+    torch._dynamo.reset()
+    example = (torch.randn(2, 4, 16),)
+    converted = quantize(AttentionOutputResidual(), example)
+    compiled = qcore.compile(converted, backend="onednn", example_inputs=example)
+    (binary,) = calls(compiled.lowered, onednn.qlinear_pointwise.binary)
+    assert binary.args[13] == "add"  # never "sum" into the caller's tensor
+    x = example[0].clone()
+    with torch.no_grad():
+        expected = compiled.lowered(x)
+    for _ in range(2):
+        assert (compiled(x) - expected).abs().max() < 1e-4
+    assert torch.equal(x, example[0])
+    torch._dynamo.reset()
 
 
 def test_linear_add_relu_with_a_shared_extra_input_adds_out_of_place():

@@ -18,11 +18,13 @@ Linear, the extra input a float tensor (either operand order)::
 
 "sum" (in place into ``other``) only for float output when ``other`` is a fresh tensor whose
 other readers have all run before (ancestors of the linear: a transformer's FFN residual, read
-by the FFN's input quantize). Otherwise "add", except for a plain fp32 add with float output,
-which stays unfused: oneDNN's "add" post-op costs more than the add itself (4.6-4.9 ms against
-3.9 ms for the bare linear on a BERT attention output, 1024x768x768, one thread), eagerly the
-separate add costs about the same, and under torch.compile Inductor folds it into the next
-kernel (the layer norm): BERT layer 0.8% faster compiled. Refused: broadcasting adds, alpha != 1, an op with other
+by the FFN's input quantize) and ``other`` comes from an op that always makes a new tensor
+(layer norm, an activation, a matmul, a (de)quantize, a oneDNN op): Inductor drops no-op ops
+(``clone``, ``x * 1.0``) and would then overwrite their input, perhaps the caller's tensor.
+Otherwise "add" (slower than "sum": 4.6-4.9 ms against 4.0 ms on a BERT attention output,
+1024x768x768, one thread). An add is never left unfused next to a oneDNN linear: Inductor's
+freezing passes (torch's own x86 quantization patterns, which qcore does not use) would fuse
+it, summing into the graph input. Refused: broadcasting adds, alpha != 1, an op with other
 users, the conv's own input as accumulator, (conv) an extra input that is not a dequantize.
 Counters: ``qconv2d_binary_matcher_count`` / ``qlinear_binary_matcher_count`` (and ``_nodes``).
 """
@@ -45,8 +47,10 @@ from qcore_onednn_x86.lowering.graph_utils import (
     erase_chain,
     finish,
     is_call,
+    is_getitem,
     onednn,
     onednn_declines,
+    qd,
     set_uint8_val,
     single_user,
     static_shape,
@@ -62,8 +66,20 @@ NAME = "fuse_binary_post_ops"
 FLOAT_DTYPES = (torch.float32, torch.bfloat16)
 ADD_OPS = (aten.add.Tensor, aten.add_.Tensor)
 RELU_OPS = (aten.relu.default, aten.relu_.default)
-# ops that may return their input itself (no copy)
-MAY_ALIAS_OPS = (aten.contiguous.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.view_as.default)
+# ops whose output is always a new tensor, also after Inductor's clean-ups: oneDNN may write into
+# it. (Inductor drops "no-op" ops such as clone, x * 1.0 or a same-dtype cast, and would hand the
+# op their input, possibly the caller's tensor, to overwrite.)
+FRESH_OUTPUT_OPS = (
+    aten.layer_norm.default, aten.native_layer_norm.default, aten.group_norm.default,
+    aten.softmax.int, aten._softmax.default, aten.gelu.default, aten.relu.default, aten.silu.default,
+    aten.sigmoid.default, aten.tanh.default, aten.linear.default, aten.mm.default, aten.addmm.default,
+    aten.bmm.default, aten.matmul.default, aten.conv2d.default,
+    qd.quantize_per_tensor.default, qd.quantize_per_tensor.tensor,
+    qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor,
+    onednn.qconv2d_pointwise.default, onednn.qlinear_pointwise.default, onednn.qlinear_pointwise.tensor,
+    onednn.qlinear_pointwise.binary, onednn.qlinear_pointwise.binary_tensor,
+    torch.ops.quantized.max_pool2d.default,
+)
 
 
 def _other_operand(add: Node, qop: Node) -> Optional[Node]:
@@ -90,16 +106,23 @@ def _ancestors(node: Node) -> set:
     return seen
 
 
+def _is_fresh(node: Node) -> bool:
+    if is_call(node, FRESH_OUTPUT_OPS + (qcore_onednn.qconv2d_add.default,)):
+        return True
+    # the normalized output of native_layer_norm
+    return is_getitem(node, 0) and is_call(node.args[0], (aten.native_layer_norm.default,))
+
+
 def _free_to_overwrite(tensor: Node, consumer: Node, qop: Node) -> bool:
     """``qop`` may write into ``tensor``: a fresh tensor (not a graph input, not a view) whose
     every reader other than ``consumer`` is an ancestor of ``qop``, so those readers have run
     (eagerly and in Inductor's schedule) and hold no alias of it."""
-    if tensor.op != "call_function" or is_call(tensor, VIEW_LIKE_OPS + MAY_ALIAS_OPS):
+    if not _is_fresh(tensor):
         return False
     readers = [user for user in tensor.users if user is not consumer]
     if not readers:
         return True
-    if any(is_call(user, VIEW_LIKE_OPS + MAY_ALIAS_OPS) or user.op != "call_function" for user in readers):
+    if any(is_call(user, VIEW_LIKE_OPS) or user.op != "call_function" for user in readers):
         return False
     ancestors = _ancestors(qop)
     return all(user in ancestors for user in readers)
@@ -141,8 +164,6 @@ def _fuse_linear(qop: Node, other: Node, add: Node, relu: Optional[Node], quant:
         out, binary = [float(quant.scale), int(quant.zero_point), torch.uint8], "add"
     elif _can_sum_in_place(other, add, qop):
         out, binary = [1.0, 0, add_val.dtype], "sum"
-    elif add_val.dtype == torch.float32 and relu is None:
-        return None  # a plain add: Inductor folds it into the next kernel, eagerly it costs the same
     else:
         out, binary = [1.0, 0, add_val.dtype], "add"
     target = onednn.qlinear_pointwise.binary_tensor if qop.target is onednn.qlinear_pointwise.tensor else onednn.qlinear_pointwise.binary
