@@ -68,6 +68,24 @@ def mark_annotated(nodes: Iterable[Optional[Node]]) -> None:
             _get_or_create(node)._annotated = True
 
 
+KEPT_FLOAT_KEY = "qcore_kept_float"
+
+
+def keep_float(node: Node, reason: str) -> None:
+    """Record that the backend leaves ``node`` in float on purpose, and why (reports show it).
+
+    Nothing is claimed: a later annotator may still quantize the node, and then the note is moot.
+    """
+    if not isinstance(reason, str) or not reason:
+        raise ValueError(f"keep_float needs a non-empty reason string, got {reason!r}")
+    node.meta[KEPT_FLOAT_KEY] = reason
+
+
+def kept_float_reason(node: Node) -> Optional[str]:
+    """The reason a backend gave with ``keep_float`` for ``node``, or None."""
+    return node.meta.get(KEPT_FLOAT_KEY)
+
+
 def has_output_spec(node: Any) -> bool:
     """True if ``node`` is a Node whose annotation gives its output a spec."""
     if not isinstance(node, Node):

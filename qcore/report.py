@@ -29,7 +29,7 @@ import attrs
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from qcore.annotation import ANNOTATION_KEY
+from qcore.annotation import ANNOTATION_KEY, kept_float_reason
 from qcore.coverage import QUANTIZABLE_OPS
 from qcore.passes.qdq_ops import is_dequantize, is_quantize
 
@@ -270,6 +270,9 @@ def _float_reason(converted_node: Node, backend: str) -> str:
         producers = [a for a in converted_node.all_input_nodes if _is_compute(a)]
         anchor = producers[0].name if producers else "its producer"
         return f"fused into the int8 partition of {anchor} (output quantized after it)"
+    kept_float = kept_float_reason(converted_node)
+    if kept_float is not None:
+        return f"kept float by the {backend} recipe: {kept_float}"
     if converted_node.target in QUANTIZABLE_OPS:
         return f"quantizable, but no {backend} pattern matched here (scope set to None or unsupported form)"
     return f"no {backend} annotator handles {_op_name(converted_node)}"

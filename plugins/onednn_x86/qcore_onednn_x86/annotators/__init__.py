@@ -4,15 +4,15 @@ qcore runs them longest pattern first (conv -> bn -> add -> relu before conv -> 
 conv), then the observer-sharing ops (max_pool2d, cat, reshapes) once every compute pattern is
 claimed.
 
-Average pools are deliberately left float (see ``common.SHARING_OPS``): the consumer of the
-average quantizes it with its own observer.
+Average pools are deliberately left float (``avg_pool2d.keep_avg_pool2d_float`` marks them, so
+reports give the reason): the consumer of the average quantizes it with its own observer.
 """
 
 from __future__ import annotations
 
 import qcore
 
-from qcore_onednn_x86.annotators import cat, conv, conv_bn, linear, max_pool2d, reshape
+from qcore_onednn_x86.annotators import avg_pool2d, cat, conv, conv_bn, linear, max_pool2d, reshape
 
 BACKEND = "onednn"
 STATIC = {"static", "qat"}
@@ -44,4 +44,5 @@ def x86_annotators() -> list:
         record("x86_max_pool2d", max_pool2d.annotate_max_pool2d, ("max_pool2d",), shares_input=True),
         record("x86_cat", cat.annotate_cat, ("cat",), shares_input=True),
         record("x86_reshape", reshape.annotate_reshape, ("reshape",), shares_input=True),
+        record("x86_avg_pool2d_float", avg_pool2d.keep_avg_pool2d_float, ("avg_pool2d",)),
     ]
