@@ -27,6 +27,8 @@ from torch.ao.quantization.observer import HistogramObserver as AoHistogramObser
 from qcore.observers import HistogramObserver
 
 _AO_DTYPE = {torch.uint8: torch.quint8, torch.int8: torch.qint8}
+#: The speed-up the issue asks for on every histogram.
+_TARGET = 20.0
 
 
 def _activations(seed: int) -> dict[str, list[torch.Tensor]]:
@@ -101,6 +103,7 @@ def run(dtype: torch.dtype, qscheme: torch.qscheme, repeats: int) -> list[tuple[
             f"qcore {qc_cpu * 1e3:6.3f} ms ({qc_wall * 1e3:6.3f} wall)   "
             f"x{ao_cpu / qc_cpu:5.1f} (wall x{ao_wall / qc_wall:5.1f})   "
             f"same scale {float(qc_qparams[0][0]):.6g}, zero point {int(qc_qparams[1][0])}"
+            + ("" if ao_cpu / qc_cpu >= _TARGET else f"   (below x{_TARGET:.0f})")
         )
     return speedups
 
@@ -126,7 +129,8 @@ def main() -> None:
     print(
         f"speed-up (torch.ao CPU time / qcore CPU time) over {len(ratios)} histograms: "
         f"min x{min(ratios):.1f} ({slowest[0]}), median x{statistics.median(ratios):.1f}, "
-        f"max x{max(ratios):.1f}; every scale and zero point identical to torch.ao's"
+        f"max x{max(ratios):.1f}; {sum(r >= _TARGET for r in ratios)} of {len(ratios)} at x{_TARGET:.0f} or more; "
+        "every scale and zero point identical to torch.ao's"
     )
 
 

@@ -8,6 +8,7 @@ re-binning runs. Plus the API around them: ``with_args``, argument checks, NaN/i
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 import subprocess
 import sys
@@ -391,91 +392,27 @@ def test_histogram_search_matches_torch_ao_on_set_histograms(seed):
         assert torch.equal(new_min, ao_min) and torch.equal(new_max, ao_max), (seed, config)
 
 
-def _torch_ao_destination_bins(bins: int, bin_width: float, dst_nbins: int, start: int, end: int):
-    """torch.ao's dst_bin_of_begin / dst_bin_of_end (its float32 floor divisions)."""
-    dst_bin_width = bin_width * (end - start + 1) / dst_nbins
-    begin = (torch.arange(bins) - start) * bin_width
-    end_edge = begin + bin_width
-    of_begin = torch.clamp(torch.div(begin, dst_bin_width, rounding_mode="floor"), 0, dst_nbins - 1)
-    of_end = torch.clamp(torch.div(end_edge, dst_bin_width, rounding_mode="floor"), 0, dst_nbins - 1)
-    return of_begin.numpy(), of_end.numpy()
-
-
-@pytest.mark.parametrize("seed", range(8))
-def test_grid_destination_bins_are_torch_floor_divisions(seed):
-    """GridErrors takes the destination bins from integer arithmetic; they must be torch's float32
-    floor divisions for every bin, including the edges where m * D / L is an exact integer."""
-    rng = np.random.default_rng(seed)
-    bins = int(rng.choice([2048, 1000, 4096, 300, 7]))
-    dst_nbins = int(rng.choice([256, 256, 16, 128]))
-    span = 10.0 ** rng.uniform(-8, 8)
-    low = float(np.float32(rng.uniform(-1, 1) * span * 10.0 ** rng.uniform(-2, 2)))
-    high = float(np.float32(low + span))
-    bin_width = (high - low) / bins
-    assert histogram_search.GridErrors.applies(bins, bin_width, dst_nbins)
-    kernel = histogram_search.GridErrors(np.ones(bins, dtype=np.float32), bin_width, dst_nbins)
-    ranges = [tuple(sorted(rng.integers(0, bins, 2).tolist())) for _ in range(12)]
-    for length in (1, 2, 3, 64, 128, 256, 512, 768, 1024, 1792, bins):
-        if length <= bins:
-            start = int(rng.integers(0, bins - length + 1))
-            ranges.append((start, start + length - 1))
-    got = kernel.destination_bins([r[0] for r in ranges], [r[1] for r in ranges])
-    for row, (start, end) in enumerate(ranges):
-        of_begin, of_end = _torch_ao_destination_bins(bins, bin_width, dst_nbins, start, end)
-        np.testing.assert_array_equal(got[0, row], of_begin, err_msg=f"{bins=} {bin_width=} {start=} {end=}")
-        np.testing.assert_array_equal(got[1, row], of_end, err_msg=f"{bins=} {bin_width=} {start=} {end=}")
-
-
-def test_grid_errors_redo_the_bins_where_torch_rounds_an_integer_quotient_down_or_up():
-    """At m = 927 of the range [172, 2025] (L = 1854, m * 256 / L = 128 exactly) this bin width
-    makes torch's floor division land on 128 while float32 m * (256 / L) floors to 127: the bin
-    is redone with torch's destination bin and the error stays bit-identical."""
-    bins, bin_width = 2048, 6.771087646484375e-05
-    kernel = histogram_search.GridErrors(np.ones(bins, dtype=np.float32), bin_width, 256)
-    columns = kernel._candidate_columns([172], [2025])
-    rows, bins_at, begin, end = kernel._integer_points([172], [2025], columns)
-    assert (rows.tolist(), bins_at.tolist(), begin.tolist(), end.tolist()) == ([0], [1099], [128.0], [128.0])
-    m = np.arange(bins + 1, dtype=np.float32) - np.float32(172)
-    assert kernel._destination_bins(m[None, :], columns[2], columns[3])[0, 1099] == 127.0  # floor(t) is off
-    ref = ao.HistogramObserver(bins=bins)
-    ref.histogram.copy_(torch.randint(1, 50, (bins,), generator=torch.Generator().manual_seed(0)).float())
-    ref.min_val.fill_(-0.0625)
-    ref.max_val.fill_(-0.0625 + bin_width * bins)
-    assert (ref.max_val.item() - ref.min_val.item()) / bins == bin_width
-    density = ref.histogram.numpy() / np.float32(bin_width)
-    ranges = [(172, 2025), (0, 2047), (100, 1123), (5, 1796)]
-    expected = [ref._compute_quantization_error(s, e) for s, e in ranges]
-    for kernel_name in ("grid", "floor_div"):
-        assert histogram_search.quantization_errors(
-            density, bin_width, 256, [r[0] for r in ranges], [r[1] for r in ranges], kernel=kernel_name
-        ) == expected
-
-
-@pytest.mark.parametrize("kernel", ["grid", "floor_div"])
-def test_both_error_kernels_are_bit_identical_to_torch_ao(kernel):
+@pytest.mark.parametrize("skip_empty", [False, True])
+def test_error_kernel_is_bit_identical_to_torch_ao_with_and_without_empty_bins(skip_empty):
     g = torch.Generator().manual_seed(7)
     ref = ao.HistogramObserver(dtype=torch.qint8)
     for x in _batches("outliers", shape=(64, 64), count=3):
         ref(x)
+    assert (ref.histogram == 0).sum() > 1024  # most bins empty: the gathered-columns path
     bin_width = (ref.max_val.item() - ref.min_val.item()) / ref.bins
     ranges = [tuple(sorted(torch.randint(0, 2048, (2,), generator=g).tolist())) for _ in range(40)]
     ranges += [(0, 2047), (3, 3), (1000, 1255), (1000, 1127), (0, 1791)]
     density = ref.histogram.numpy() / np.float32(bin_width)
     errors = histogram_search.quantization_errors(
-        density, bin_width, ref.dst_nbins, [r[0] for r in ranges], [r[1] for r in ranges], kernel=kernel
+        density, bin_width, ref.dst_nbins, [r[0] for r in ranges], [r[1] for r in ranges], skip_empty=skip_empty
     )
     assert errors == [ref._compute_quantization_error(s, e) for s, e in ranges]
 
 
-def test_error_kernel_choice_and_bad_kernel_name():
-    density = np.ones(2048, dtype=np.float32)
-    assert isinstance(histogram_search.range_errors(density, 1e-3, 256), histogram_search.GridErrors)
-    # int16: 65536 destination bins are too fine for the integer grid; the floor divisions are used
-    assert isinstance(histogram_search.range_errors(density, 1e-3, 2**16), histogram_search.FloorDivErrors)
-    with pytest.raises(ValueError, match="grid kernel does not apply"):
-        histogram_search.quantization_errors(density, 1e-3, 2**16, [0], [10], kernel="grid")
-    with pytest.raises(ValueError, match="'auto', 'grid' or 'floor_div'"):
-        histogram_search.quantization_errors(density, 1e-3, 256, [0], [10], kernel="fast")
+def test_float32_rounding_of_python_floats():
+    assert histogram_search.to_float32(0.1) == float(np.float32(0.1))
+    assert histogram_search.to_float32(1e39) == math.inf and histogram_search.to_float32(-1e39) == -math.inf
+    assert histogram_search.to_float32(3.4028235e38) == float(np.finfo(np.float32).max)
 
 
 def test_histogram_before_data_warns_and_returns_defaults():

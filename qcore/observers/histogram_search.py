@@ -8,14 +8,10 @@ the previous one. This module finds the same (start_bin, end_bin), bit for bit:
 * :func:`candidate_ranges` walks the quantiles with binary searches on the cumulative histogram
   and skips the steps that move no bin (torch.ao indexes one cumulative-count element per
   Python iteration);
-* the errors of a batch of candidates are computed at once, one row per candidate, with every
-  float32 operation torch.ao performs for that candidate (so each row sums to torch.ao's error
-  exactly); :class:`GridErrors` takes the destination bin of each source bin edge from the
-  exact grid ``floor(m * D / L)`` instead of a float32 floor division (see its docstring for why
-  that is torch's answer), shares it between the bin ending and the bin beginning at the edge,
-  and treats the start and end edge of every bin in one stacked array;
-  :class:`FloorDivErrors` does torch's floor divisions and serves the histograms outside the
-  grid's proven range (e.g. int16's 65536 destination bins).
+* the errors of a batch of candidates are computed at once (:class:`FloorDivErrors`), one row
+  per candidate, with every float32 operation torch.ao performs for that candidate (so each
+  row sums to torch.ao's error exactly), the begin and end edge of every bin in one stacked
+  array, and bins without data left out of the arithmetic when most bins are empty.
 
 For one candidate range ``[s, e]`` (``L = e - s + 1`` source bins, ``D`` destination bins of
 width ``w = bin_width * L / D``), torch.ao's per-bin error is::
@@ -33,18 +29,16 @@ import functools
 import math
 import struct
 from array import array
-from typing import Iterator, Optional, Protocol, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 __all__ = [
     "FloorDivErrors",
-    "GridErrors",
     "candidate_ranges",
     "quantile_steps",
     "quantization_errors",
-    "range_errors",
     "search_bin_range",
     "to_float32",
 ]
@@ -63,17 +57,11 @@ _SUM_GRAIN = 32767
 #: (distances to a destination bin centre are at most twice the range; their cubes stay below
 #: float32's maximum), so a bin without data contributes exactly 0 and can be skipped.
 _FINITE_TERMS_RANGE = 1e12
-#: float32's unit roundoff.
-_U32 = 2.0**-24
-
-
-def _to_float32(value: float) -> float:
-    """``value`` rounded to float32 (how torch compares a float32 tensor with a Python float)."""
-    return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
 
 
 def to_float32(value: float) -> float:
-    """``value`` rounded to float32, infinite beyond float32's range, as a Python float.
+    """``value`` rounded to float32, infinite beyond float32's range, as a Python float (how
+    torch compares a float32 tensor with a Python float, too).
 
     A float32 addition, subtraction, multiplication or division is the double precision one
     rounded to float32 (double's 53 bits are enough that the two roundings never differ), so
@@ -116,8 +104,8 @@ def candidate_ranges(cum: Sequence[float], total: float) -> Iterator[tuple[int, 
     a = b = 0
     start, end = 0, len(cum) - 1
     while alphas[a] < betas[b] and a < last and b < last:
-        alpha_threshold = _to_float32(alphas[a + 1] * total)
-        beta_threshold = _to_float32(betas[b + 1] * total)
+        alpha_threshold = to_float32(alphas[a + 1] * total)
+        beta_threshold = to_float32(betas[b + 1] * total)
         # first bin in [start, end) whose cumulative count reaches the alpha quantile (else end)
         left = bisect.bisect_left(cum, alpha_threshold, start, end)
         # last bin in (start, end] whose cumulative count is within the beta quantile (else start)
@@ -148,7 +136,7 @@ def _first_step_below(betas: list[float], first: int, last: int, total: float, c
     """
 
     def below(k: int) -> bool:
-        return _to_float32(betas[k] * total) < count
+        return to_float32(betas[k] * total) < count
 
     k = first
     if total > 0.0:
@@ -161,12 +149,6 @@ def _first_step_below(betas: list[float], first: int, last: int, total: float, c
 
 
 # ----------------------------------------------------------------------------- the errors
-class RangeErrors(Protocol):
-    def errors(self, starts: list[int], ends: list[int]) -> list[float]:
-        """torch.ao's ``_compute_quantization_error(s, e)`` for each ``(s, e)`` pair."""
-        ...
-
-
 def _sum_rows(norm: np.ndarray) -> list[float]:
     """Each row's ``torch.sum``, as torch.ao sums one candidate's float32 errors over all bins.
 
@@ -212,19 +194,17 @@ _EDGE_BIN_OFFSET = np.array([0.5, 0.0], dtype=np.float32).reshape(2, 1, 1)
 
 def _candidate_widths(
     bin_width: float, dst_nbins: int, starts: list[int], ends: list[int]
-) -> tuple[list[float], np.ndarray, np.ndarray]:
-    """torch.ao's destination bin width of each candidate (a Python float, as it computes it),
-    and that width and its half as float32 columns (how torch uses them in tensor arithmetic)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """torch.ao's destination bin width of each candidate (a Python float, as it computes it)
+    and its half, as float32 columns (how torch uses them in tensor arithmetic)."""
     widths = [bin_width * (e - s + 1) / dst_nbins for s, e in zip(starts, ends)]
-    count = len(widths)
-    width32 = np.array(widths, dtype=np.float32).reshape(count, 1)
-    half32 = np.array([w / 2 for w in widths], dtype=np.float32).reshape(count, 1)
-    return widths, width32, half32
+    columns = np.array([widths, [w / 2 for w in widths]], dtype=np.float32)
+    return columns[0].reshape(-1, 1), columns[1].reshape(-1, 1)
 
 
 class FloorDivErrors:
     """torch.ao's ``_compute_quantization_error(start, end)`` over one histogram, for many
-    candidate ranges at once, for any histogram.
+    candidate ranges at once.
 
     One row per candidate range; every operation is the float32 operation torch.ao performs for
     that candidate (Python scalars rounded to float32 as torch does), so each row's sum is
@@ -253,7 +233,7 @@ class FloorDivErrors:
     def errors(self, starts: list[int], ends: list[int]) -> list[float]:
         f32 = np.float32
         count = len(starts)
-        _, dst_width, half = _candidate_widths(self.bin_width, self.dst_nbins, starts, ends)
+        dst_width, half = _candidate_widths(self.bin_width, self.dst_nbins, starts, ends)
         half_cubed = half * half
         half_cubed *= half
         # the term of a fully covered destination bin: (h^3 - (-h)^3) / 3, and (-h)^3 == -(h^3)
@@ -301,270 +281,18 @@ class FloorDivErrors:
         return _sum_rows(norm)
 
 
-def _begin_end_views(edge_values: np.ndarray) -> np.ndarray:
-    """``(2, rows, bins)`` view of a ``(rows, bins + 1)`` array of per-edge values: ``[0]`` the
-    value at each bin's begin edge, ``[1]`` at its end edge (the same memory, shifted by one)."""
-    rows, edges = edge_values.shape
-    row_stride, column_stride = edge_values.strides
-    views = np.ndarray(
-        (2, rows, edges - 1), edge_values.dtype, edge_values, strides=(column_stride, row_stride, column_stride)
-    )
-    views.flags.writeable = False
-    return views
-
-
-class GridErrors:
-    """:class:`FloorDivErrors` with the destination bins from integer arithmetic.
-
-    torch.ao finds the destination bin of the edge ``m`` source bins after the range start by a
-    float32 floor division, ``floor(fl(m * bin_width) / fl(w))``, clamped to ``[0, D - 1]``. In
-    exact arithmetic that quotient is ``t = m * D / L``, a multiple of ``1 / L``. The float32
-    operands carry relative errors of a few units of roundoff ``u``, so the computed quotient is
-    within ``5 u |t|`` of ``t``; wherever ``t`` is not an integer it is at least ``1 / L`` away
-    from one, so while ``5 u |t| < 1 / L`` torch's floor is ``floor(t)``. Here ``floor(t)`` is
-    taken from ``fl(m' * fl(D / L))`` (within ``2 u |t|`` of ``t``), with ``m`` clamped first to
-    ``[0, L (1 - 1 / 2D)]`` (``t`` to ``[0, D - 1/2]``), which is the clamp of the destination bin.
-    Both bounds hold for every edge the clamp does not settle anyway (``|t| <= D + 1``) when
-    ``(bins + 1) * (D + 1) * 8 u < 1`` (:meth:`applies`; 2048 bins and 256 destination bins use
-    a quarter of that). Where ``t`` is an integer strictly between 0 and D (``g - 1`` edges per
-    candidate, ``g = gcd(D, L)``), float32 rounding decides which side torch lands on: its floor
-    division (``fmod``-based, rounded to the nearest integer at the end) returns the floor of the
-    exact quotient of its two float32 operands, ``n`` when ``edge >= n * w`` and ``n - 1``
-    otherwise; that comparison is made exactly (in double precision) and the bins where it
-    differs from ``floor(t)`` are redone. At ``t = 0`` both are 0, at ``t = D`` or beyond the clamp
-    gives ``D - 1`` either way.
-
-    Everything else is torch.ao's float32 arithmetic, operation by operation, on full rows of
-    ``bins`` values (bins without data included), so each row's ``torch.sum`` is torch.ao's
-    error bit for bit.
-    """
-
-    def __init__(self, density: np.ndarray, bin_width: float, dst_nbins: int) -> None:
-        self.bins = density.shape[0]
-        self.bin_width = bin_width
-        self.width = np.float32(bin_width)
-        self.dst_nbins = dst_nbins
-        self.density = density
-        self.edge_indices = _bin_indices(self.bins + 1)
-
-    @staticmethod
-    def applies(bins: int, bin_width: float, dst_nbins: int) -> bool:
-        """True when the integer destination bins are torch's (see the class docstring) and the
-        float32 positions are normal numbers (the relative error bounds hold)."""
-        return (bins + 1) * (dst_nbins + 1) * 8 * _U32 < 1.0 and 2.0**-100 <= bin_width <= 2.0**100
-
-    def errors(self, starts: list[int], ends: list[int]) -> list[float]:
-        f32 = np.float32
-        bins = self.bins
-        columns = self._candidate_columns(starts, ends)
-        dst_width, half = columns[0], columns[1]
-        # m: each edge's distance from the range start, in source bins (exact in float32)
-        m = np.subtract(self.edge_indices, columns[4])
-        # destination bins of the begin ([0]) and end ([1]) edge of each bin: two overlapping views
-        dst_bins = _begin_end_views(self._destination_bins(m, columns[2], columns[3]))
-        # edges[0] / edges[1]: where each source bin begins / ends (torch.ao's src_bin_begin / end)
-        edges = np.empty(dst_bins.shape, dtype=f32)
-        np.multiply(m[:, :bins], self.width, out=edges[0])
-        np.add(edges[0], self.width, out=edges[1])
-        # the destination bins a source bin covers completely: k_e - k_b - 1
-        covered = np.subtract(dst_bins[1], dst_bins[0])
-        covered -= f32(1)
-        # the centre of the destination bin of each begin edge ((k_b + 0.5) * w) and end edge
-        # (k_e * w + h)
-        centres = np.add(dst_bins, _EDGE_BIN_OFFSET)
-        centres *= dst_width
-        centres[1] += half
-        self._redo_integer_quotients(starts, ends, columns, dst_bins, centres, covered)
-        # -d_b = centre - begin and d_e = end - centre (-(x - y) is y - x in floating point too)
-        np.subtract(centres[0], edges[0], out=edges[0])
-        np.subtract(edges[1], centres[1], out=edges[1])
-        # error of the part of the source bin in its first / last destination bin:
-        # (h^3 - d_b^3) / 3 = ((-d_b)^3 + h^3) / 3 and (d_e^3 + h^3) / 3, times the density
-        parts = np.multiply(edges, edges, out=centres)
-        parts *= edges
-        parts += columns[5]
-        parts /= f32(3)
-        parts *= self.density
-        # plus the destination bins it covers completely, each (h^3 - (-h)^3) / 3 times the density
-        covered *= np.multiply(self.density, columns[6], out=edges[0])
-        norm = np.add(parts[0], covered, out=covered)
-        norm += parts[1]
-        return _sum_rows(norm)
-
-    def destination_bins(self, starts: list[int], ends: list[int]) -> np.ndarray:
-        """torch.ao's ``dst_bin_of_begin`` (``[0]``) and ``dst_bin_of_end`` (``[1]``) of each
-        candidate range, a float32 array of shape ``(2, len(starts), bins)``."""
-        columns = self._candidate_columns(starts, ends)
-        m = np.subtract(self.edge_indices, columns[4])
-        result = _begin_end_views(self._destination_bins(m, columns[2], columns[3])).copy()
-        points = self._integer_points(starts, ends, columns)
-        if points is not None:
-            rows, bins, begin, end = points
-            result[0, rows, bins] = begin
-            result[1, rows, bins - 1] = end
-        return result
-
-    def _candidate_columns(self, starts: list[int], ends: list[int]) -> np.ndarray:
-        """Per candidate, float32 columns of shape ``(count, 1)``: torch.ao's destination bin
-        width ``w`` (the Python float ``bin_width * L / D``, rounded to float32 as torch uses it),
-        its half ``h``, ``D / L``, the last ``m`` before the clamp (``L (1 - 1 / 2D)``), the start,
-        ``h^3`` and the error of a fully covered destination bin, ``(h^3 - (-h)^3) / 3`` (both with
-        torch's float32 roundings: ``fl(fl(h * h) * h)`` and ``fl(fl(h^3 + h^3) / 3)``)."""
-        dst, bin_width = self.dst_nbins, self.bin_width
-        lengths = [e - s + 1 for s, e in zip(starts, ends)]
-        widths = [bin_width * n / dst for n in lengths]
-        halves = [to_float32(w / 2) for w in widths]
-        cubes = [to_float32(to_float32(h * h) * h) for h in halves]
-        return np.array(
-            [
-                widths,
-                halves,
-                [dst / n for n in lengths],
-                [n * (1.0 - 0.5 / dst) for n in lengths],
-                starts,
-                cubes,
-                [to_float32((c + c) / 3) for c in cubes],
-            ],
-            dtype=np.float32,
-        ).reshape(7, len(starts), 1)
-
-    @staticmethod
-    def _destination_bins(m: np.ndarray, ratio: np.ndarray, last: np.ndarray) -> np.ndarray:
-        """``clamp(floor(m * D / L), 0, D - 1)`` for every edge (see the class docstring)."""
-        t = np.maximum(m, np.float32(0))
-        np.minimum(t, last, out=t)
-        t *= ratio
-        return np.floor(t, out=t)
-
-    def _integer_points(
-        self, starts: list[int], ends: list[int], columns: np.ndarray
-    ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        """torch's destination bins at the edges where ``t = m * D / L`` is an integer ``n`` in
-        (0, D): ``(rows, bins, of the bin beginning there, of the bin ending there)``, or None
-        when no candidate has such an edge.
-
-        torch's floor division of positive float32 values returns the floor of their exact
-        quotient, which here is ``n`` or ``n - 1`` (the operands are within a few roundoffs of
-        ``t``): ``n`` exactly when ``edge >= n * w``, compared in double precision, where the
-        product of a float32 and an integer below 2^16 is exact.
-        """
-        rows: list[int] = []
-        bins: list[int] = []
-        integers: list[int] = []
-        for row, (start, end) in enumerate(zip(starts, ends)):
-            length = end - start + 1
-            common = math.gcd(self.dst_nbins, length)
-            if common > 1:
-                period, step = length // common, self.dst_nbins // common
-                rows += [row] * (common - 1)
-                bins += range(start + period, start + length, period)
-                integers += range(step, self.dst_nbins, step)
-        if not rows:
-            return None
-        row_index, bin_index = np.array(rows, dtype=np.intp), np.array(bins, dtype=np.intp)
-        n = np.array(integers, dtype=np.float64)
-        m = bin_index.astype(np.float32) - columns[4, row_index, 0]
-        begin = m * self.width  # torch.ao's src_bin_begin there, and src_bin_end of the bin before
-        end = (m - np.float32(1)) * self.width
-        end += self.width
-        threshold = n * columns[0, row_index, 0].astype(np.float64)
-        return row_index, bin_index, n - (begin < threshold), n - (end < threshold)
-
-    def _redo_integer_quotients(
-        self,
-        starts: list[int],
-        ends: list[int],
-        columns: np.ndarray,
-        dst_bins: np.ndarray,
-        centres: np.ndarray,
-        covered: np.ndarray,
-    ) -> None:
-        """Redo the centres and covered counts of the bins whose begin or end edge torch puts in
-        another destination bin than ``floor(t)`` (only possible where ``t`` is an integer)."""
-        points = self._integer_points(starts, ends, columns)
-        if points is None:
-            return
-        rows, bins, begin, end = points
-        mine = dst_bins[0][rows, bins]
-        begin_changed, end_changed = begin != mine, end != mine
-        if not (begin_changed.any() or end_changed.any()):
-            return
-        f32 = np.float32
-        # the bins beginning at a changed edge, with their begin/end destination bins, then the
-        # bins ending at one; a bin with both edges at integer points (L divides D) appears in
-        # both lists, so the second takes the first's change into account
-        redo_rows, redo_bins = rows[begin_changed], bins[begin_changed]
-        k_begin, k_end = begin[begin_changed], dst_bins[1][redo_rows, redo_bins]
-        self._redo_bins(columns, redo_rows, redo_bins, k_begin, k_end, centres, covered)
-        end_rows, end_bins = rows[end_changed], bins[end_changed] - 1
-        k_begin = dst_bins[0][end_rows, end_bins]
-        if redo_rows.size and end_rows.size:
-            # a bin whose begin edge was changed above keeps that change
-            changed_begin = dict(zip(zip(redo_rows.tolist(), redo_bins.tolist()), begin[begin_changed].tolist()))
-            k_begin = np.array(
-                [changed_begin.get(key, k) for key, k in zip(zip(end_rows.tolist(), end_bins.tolist()), k_begin.tolist())],
-                dtype=f32,
-            )
-        self._redo_bins(columns, end_rows, end_bins, k_begin, end[end_changed], centres, covered)
-
-    @staticmethod
-    def _redo_bins(
-        columns: np.ndarray,
-        rows: np.ndarray,
-        bins: np.ndarray,
-        k_begin: np.ndarray,
-        k_end: np.ndarray,
-        centres: np.ndarray,
-        covered: np.ndarray,
-    ) -> None:
-        """Centres and covered counts of these bins from these destination bins (torch.ao's
-        float32 operations: ``(k_b + 0.5) * w``, ``k_e * w + h``, ``k_e - k_b - 1``)."""
-        if not rows.size:
-            return
-        f32 = np.float32
-        k_begin, k_end = k_begin.astype(f32), k_end.astype(f32)
-        width, half = columns[0, rows, 0], columns[1, rows, 0]
-        centres[0, rows, bins] = (k_begin + f32(0.5)) * width
-        centres[1, rows, bins] = k_end * width + half
-        covered[rows, bins] = (k_end - k_begin) - f32(1)
-
-
-def range_errors(density: np.ndarray, bin_width: float, dst_nbins: int) -> RangeErrors:
-    """The fastest exact error kernel for this histogram (float32 ``density``, count / width)."""
-    bins = density.shape[0]
-    if GridErrors.applies(bins, bin_width, dst_nbins):
-        return GridErrors(density, bin_width, dst_nbins)
-    return FloorDivErrors(density, bin_width, dst_nbins, bins * bin_width < _FINITE_TERMS_RANGE)
-
-
 def quantization_errors(
     density: np.ndarray,
     bin_width: float,
     dst_nbins: int,
     starts: list[int],
     ends: list[int],
-    kernel: str = "auto",
+    skip_empty: bool = False,
 ) -> list[float]:
-    """torch.ao's quantization errors of the ranges ``zip(starts, ends)``, bit for bit.
-
-    ``kernel``: ``"auto"`` (:func:`range_errors`' choice), ``"grid"`` (:class:`GridErrors`; only
-    where it :meth:`~GridErrors.applies`) or ``"floor_div"`` (:class:`FloorDivErrors`).
-    """
+    """torch.ao's quantization errors of the ranges ``zip(starts, ends)``, bit for bit
+    (:class:`FloorDivErrors`; ``skip_empty`` leaves bins without data out of the arithmetic)."""
     with np.errstate(all="ignore"):
-        if kernel == "auto":
-            errors = range_errors(density, bin_width, dst_nbins)
-        elif kernel == "grid":
-            if not GridErrors.applies(density.shape[0], bin_width, dst_nbins):
-                raise ValueError(
-                    f"the grid kernel does not apply to {density.shape[0]} bins of width {bin_width} "
-                    f"and {dst_nbins} destination bins; use kernel='auto' or 'floor_div'"
-                )
-            errors = GridErrors(density, bin_width, dst_nbins)
-        elif kernel == "floor_div":
-            errors = FloorDivErrors(density, bin_width, dst_nbins, False)
-        else:
-            raise ValueError(f"kernel must be 'auto', 'grid' or 'floor_div', got {kernel!r}")
-        return errors.errors(starts, ends)
+        return FloorDivErrors(density, bin_width, dst_nbins, skip_empty).errors(starts, ends)
 
 
 # ----------------------------------------------------------------------------- the search
@@ -589,7 +317,8 @@ def search_bin_range(histogram: torch.Tensor, bin_width: float, dst_nbins: int) 
     with np.errstate(all="ignore"):
         counts = hist.numpy()
         density = counts / np.float32(bin_width)
-        return _search_with_exact_errors(ranges, range_errors(density, bin_width, dst_nbins), bins)
+        kernel = FloorDivErrors(density, bin_width, dst_nbins, bins * bin_width < _FINITE_TERMS_RANGE)
+        return _search_with_exact_errors(ranges, kernel, bins)
 
 
 def _next_batch(ranges: Iterator[tuple[int, int]], size: int) -> tuple[list[int], list[int]]:
@@ -602,8 +331,10 @@ def _next_batch(ranges: Iterator[tuple[int, int]], size: int) -> tuple[list[int]
     return starts, ends
 
 
-def _search_with_exact_errors(ranges: Iterator[tuple[int, int]], kernel: RangeErrors, bins: int) -> tuple[int, int]:
-    """torch.ao's loop over the candidates, with every error computed exactly."""
+def _search_with_exact_errors(
+    ranges: Iterator[tuple[int, int]], kernel: FloorDivErrors, bins: int
+) -> tuple[int, int]:
+    """torch.ao's loop over the candidates: stop at the first error above the previous one."""
     start, end = 0, bins - 1
     previous = math.inf
     batch = _FIRST_BATCH
