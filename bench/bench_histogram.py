@@ -6,8 +6,14 @@ torch.ao call then one qcore call (the order swapped every round), so both run u
 machine load. The script prints the median times, the speed-up per histogram, and the minimum
 and median speed-up; it stops with an error if a histogram or a scale/zero point differs.
 
+Strict alternation (the default) times every call right after the other library's, with the
+caches as that one left them; that costs a short call (qcore's) far more than a long one.
+``--block N`` times N calls of one, then N of the other, closer to a convert that computes the
+qparams of many observers in a row.
+
     python bench/bench_histogram.py            # the default suite of activation tensors
     python bench/bench_histogram.py --repeats 51 --threads 1
+    python bench/bench_histogram.py --block 5  # five calls of one, then five of the other
 
 Times are per-thread CPU time (``time.thread_time``, robust on a shared machine) and wall-clock
 (``time.perf_counter``); the speed-up is computed from CPU time (wall-clock in brackets).
@@ -66,21 +72,24 @@ def _timed(fn: Callable[[], object]) -> tuple[float, float]:
 
 
 def _interleaved_medians(
-    first: Callable[[], object], second: Callable[[], object], repeats: int
+    first: Callable[[], object], second: Callable[[], object], repeats: int, block: int
 ) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Median (CPU, wall) seconds of ``first`` and of ``second``, called alternately."""
+    """Median (CPU, wall) seconds of ``first`` and of ``second``, called alternately in blocks of
+    ``block`` calls (1: every call follows a call of the other; more: the later calls of a block
+    run with the caches as the same function left them, as in a loop over many observers)."""
     times: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
     for i in range(repeats):
         order = (0, 1) if i % 2 == 0 else (1, 0)
         for which in order:
-            times[which].append(_timed((first, second)[which]))
+            for _ in range(block):
+                times[which].append(_timed((first, second)[which]))
     return tuple(  # type: ignore[return-value]
         (statistics.median(t[0] for t in samples), statistics.median(t[1] for t in samples))
         for samples in times
     )
 
 
-def run(dtype: torch.dtype, qscheme: torch.qscheme, repeats: int) -> list[tuple[str, float]]:
+def run(dtype: torch.dtype, qscheme: torch.qscheme, repeats: int, block: int) -> list[tuple[str, float]]:
     """Time every histogram of the suite with one dtype/qscheme; ``(name, speed-up)`` each."""
     speedups = []
     for name, batches in _activations(0).items():
@@ -95,7 +104,7 @@ def run(dtype: torch.dtype, qscheme: torch.qscheme, repeats: int) -> list[tuple[
         if not (torch.equal(ao_qparams[0], qc_qparams[0]) and torch.equal(ao_qparams[1], qc_qparams[1])):
             raise AssertionError(f"{name}: qparams differ: torch.ao {ao_qparams}, qcore {qc_qparams}")
         (ao_cpu, ao_wall), (qc_cpu, qc_wall) = _interleaved_medians(
-            ao.calculate_qparams, qc.calculate_qparams, repeats
+            ao.calculate_qparams, qc.calculate_qparams, repeats, block
         )
         speedups.append((name, ao_cpu / qc_cpu))
         print(
@@ -112,6 +121,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=21, help="timed calls per observer (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="calls per turn (1: strict alternation, each call right after the other library's)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,7 +138,7 @@ def main() -> None:
         (torch.int8, torch.per_tensor_symmetric),
     ):
         print(f"{dtype}, {qscheme}, 2048 bins:")
-        speedups += run(dtype, qscheme, args.repeats)
+        speedups += run(dtype, qscheme, args.repeats, args.block)
     ratios = [ratio for _, ratio in speedups]
     slowest = min(speedups, key=lambda item: item[1])
     print(
