@@ -4,8 +4,8 @@ Order (declared with ``after``; unary before binary so that a binary conv's accu
 already the uint8 output of the conv that produced it)::
 
     promote_dequantize ─▶ unwrap_bf16_autocast_inputs
-      ├─▶ prepack_conv_weights ─┐
-      └─▶ prepack_linear_weights┴▶ fold_bf16_output_casts ─▶ fuse_unary_post_ops ─▶ fuse_binary_post_ops
+      ├─▶ prepack_conv_weights ───────────────────────────────┐
+      └─▶ concat_shared_input_linears ─▶ prepack_linear_weights┴▶ fold_bf16_output_casts ─▶ fuse_unary_post_ops ─▶ fuse_binary_post_ops
             ─▶ lower_quantized_max_pool2d ─▶ lower_quantized_cat ─▶ lower_quantized_reshape
             ─▶ reshape_channels_last_views ─▶ lower_weight_only_int8_matmul
             ─▶ make_conv_inputs_channels_last
@@ -20,6 +20,7 @@ BACKEND = "onednn"
 
 def onednn_lowering_passes() -> list:
     """Every lowering pass of the backend (qcore orders them by ``after``)."""
+    from qcore_onednn_x86.lowering.concat_shared_input_linears import concat_shared_input_linears
     from qcore_onednn_x86.lowering.fold_bf16_output_casts import fold_bf16_output_casts
     from qcore_onednn_x86.lowering.fuse_binary_post_ops import fuse_binary_post_ops
     from qcore_onednn_x86.lowering.fuse_unary_post_ops import fuse_unary_post_ops
@@ -41,7 +42,8 @@ def onednn_lowering_passes() -> list:
         record(promote_dequantize),
         record(unwrap_bf16_autocast_inputs, ("promote_dequantize",)),
         record(prepack_conv_weights, ("unwrap_bf16_autocast_inputs",)),
-        record(prepack_linear_weights, ("unwrap_bf16_autocast_inputs",)),
+        record(concat_shared_input_linears, ("unwrap_bf16_autocast_inputs",)),
+        record(prepack_linear_weights, ("concat_shared_input_linears",)),
         record(fold_bf16_output_casts, ("prepack_conv_weights", "prepack_linear_weights")),
         record(fuse_unary_post_ops, ("fold_bf16_output_casts",)),
         record(fuse_binary_post_ops, ("fuse_unary_post_ops",)),
