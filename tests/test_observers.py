@@ -13,6 +13,7 @@ import pickle
 import subprocess
 import sys
 import warnings
+from array import array
 
 import numpy as np
 import pytest
@@ -286,6 +287,53 @@ def test_batched_errors_are_bit_identical_to_torch_ao():
         assert histogram_search.quantization_errors(
             density, bin_width, ref.dst_nbins, [r[0] for r in ranges[:count]], [r[1] for r in ranges[:count]]
         ) == expected[:count]
+
+
+def _candidate_ranges_of(ref) -> list[tuple[int, int]]:
+    cum = array("f", torch.cumsum(ref.histogram, dim=0).numpy().tobytes())
+    return list(histogram_search.candidate_ranges(cum, torch.sum(ref.histogram).item()))
+
+
+@pytest.mark.parametrize("kind", ["normal", "exponential", "outliers", "relu", "uniform"])
+@pytest.mark.parametrize("dst_dtype", [torch.uint8, torch.int8])
+def test_estimated_errors_are_within_their_bound_of_torch_ao(kind, dst_dtype):
+    """The float64 estimate of every candidate range the search walks is within its bound of
+    torch.ao's own float32 ``_compute_quantization_error`` (the bound the search relies on)."""
+    ao_dtype = {torch.uint8: torch.quint8, torch.int8: torch.qint8}[dst_dtype]
+    ref = ao.HistogramObserver(dtype=ao_dtype, reduce_range=dst_dtype == torch.int8)
+    for x in _batches(kind, shape=(64, 128), count=3, seed=11):
+        ref(x)
+    bin_width = (ref.max_val.item() - ref.min_val.item()) / ref.bins
+    ranges = _candidate_ranges_of(ref)[:40]
+    starts, ends = [r[0] for r in ranges], [r[1] for r in ranges]
+    estimate = histogram_search.EstimatedErrors(ref.histogram.numpy(), bin_width, ref.dst_nbins)
+    estimates, bounds = estimate.errors(starts, ends, with_bounds=True)
+    plain, no_bounds = estimate.errors(starts, ends)
+    assert no_bounds is None and np.array_equal(plain, estimates)
+    torch_ao = np.array([ref._compute_quantization_error(s, e) for s, e in ranges])
+    # the largest deviation measured is 1.2 bounds; the search allows BOUND_MARGIN (4) bounds
+    slack = 2 * bounds + histogram_search.SUM_TOLERANCE * np.abs(estimates)
+    assert (np.abs(torch_ao - estimates) <= slack).all()
+    # and the bound is a real one, not a blanket: well below the coarse tolerance
+    assert (bounds <= histogram_search.COARSE_TOLERANCE / 2 * estimates).all()
+
+
+@pytest.mark.parametrize("path", ["always_exact_near_ties", "no_estimate"])
+def test_search_fallbacks_give_torch_ao_result(monkeypatch, path):
+    """The two ways the search falls back to torch.ao's exact float32 errors: every close pair
+    decided exactly (a huge bound margin), and no estimate at all (a range outside its limits)."""
+    if path == "always_exact_near_ties":
+        monkeypatch.setattr(histogram_search, "COARSE_TOLERANCE", 1.0)
+        monkeypatch.setattr(histogram_search, "BOUND_MARGIN", 1e12)
+    else:
+        monkeypatch.setattr(histogram_search, "_ESTIMATE_RANGE", (0.0, 0.0))
+    for kind in ("normal", "relu", "outliers"):
+        obs, ref = HistogramObserver(), ao.HistogramObserver()
+        for x in _batches(kind, shape=(32, 64), count=3, seed=5):
+            obs(x)
+            ref(x)
+        _assert_histogram_qparams_close(obs.calculate_qparams(), ref.calculate_qparams())
+        assert torch.equal(obs.calculate_qparams()[0], ref.calculate_qparams()[0])
 
 
 @pytest.mark.parametrize(

@@ -290,11 +290,16 @@ def per_tensor_qparams_float32(
             zero_point = 0
             if dtype == torch.uint8:
                 zero_point = (quant_min + quant_max) // 2 if has_customized_qrange else 128
-            return torch.tensor([scale], dtype=torch.float32), torch.tensor([zero_point], dtype=torch.int64)
+            return _one(scale, np.float32), _one(zero_point, np.int64)
         scale = max((max_pos - min_neg) / f32(float(quant_max - quant_min)), eps32)
         zero_point = quant_min - int(np.rint(min_neg / scale))
     zero_point = min(max(zero_point, quant_min), quant_max)
-    return torch.tensor([scale], dtype=torch.float32), torch.tensor([zero_point], dtype=torch.int32)
+    return _one(scale, np.float32), _one(zero_point, np.int32)
+
+
+def _one(value: Any, dtype: type) -> torch.Tensor:
+    """A fresh one-element CPU tensor (``torch.tensor([value])`` costs three times as much)."""
+    return torch.from_numpy(np.array([value], dtype=dtype))
 
 
 def _freeze(value: Any) -> Any:
