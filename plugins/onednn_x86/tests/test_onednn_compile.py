@@ -31,6 +31,29 @@ def mlp() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
 
 
+#: The counters torch's own x86 quantization passes (torch._inductor.fx_passes.quantization,
+#: registered by Inductor's freezing passes) bump when they fuse or prepack a q/dq pattern:
+#: qcore's lowering must leave them nothing to match. (Its ``q*_lower_count`` patterns are left
+#: out: each matches one already-fused ``onednn.q*_pointwise`` call and hands it to Inductor's IR,
+#: as Inductor's default lowering of that op would.)
+TORCH_X86_QUANTIZATION_COUNTERS = (
+    "dequant_promotion_matcher_count",
+    "qcat_matcher_count",
+    "qconv_weight_prepack_matcher_count",
+    "qlinear_weight_prepack_matcher_count",
+    "qmaxpool2d_matcher_count",
+    "qreshape_matcher_count",
+    "quant_lift_up_count",
+    "woq_matcher_count",
+)
+
+
+def torch_x86_quantization_matches() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {name: counters["inductor"][name] for name in TORCH_X86_QUANTIZATION_COUNTERS if counters["inductor"][name]}
+
+
 def inductor_settings() -> dict:
     from torch._inductor import config
 
@@ -58,6 +81,7 @@ def test_compile_matches_the_lowered_model_and_leaves_global_inductor_settings_a
     from torch._inductor import config
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     seen = []
 
     def user_pass(graph):
@@ -80,12 +104,15 @@ def test_compile_matches_the_lowered_model_and_leaves_global_inductor_settings_a
             assert (expected - actual).abs().max() <= largest_activation_scale(converted) * 1.01 + 1e-5
         assert inductor_settings() == before
     assert first.lowered.meta["qcore_lowered"]["counters"]["qlinear_weight_prepack_matcher_count"] == 2
+    # Inductor's freezing passes ran torch's x86 quantization patterns too: they matched nothing
+    assert torch_x86_quantization_matches() == {}
     torch._dynamo.reset()
 
 
 @pytest.mark.slow
 def test_compiled_cnn_matches_the_lowered_eager_model_within_one_quantization_step():
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     converted = quantize(SmallNet(), EXAMPLE)
     compiled = qcore.compile(converted, backend="onednn", example_inputs=EXAMPLE)
     with torch.no_grad():
@@ -94,6 +121,7 @@ def test_compiled_cnn_matches_the_lowered_eager_model_within_one_quantization_st
     assert (expected - actual).abs().max() <= largest_activation_scale(converted) * 1.01 + 1e-5
     # the compiled model is lowered: no q/dq ops reach Inductor from the convs and linears
     assert compiled.lowered.meta["qcore_lowered"]["counters"]["qconv2d_weight_prepack_matcher_count"] == 1
+    assert torch_x86_quantization_matches() == {}
     torch._dynamo.reset()
 
 
