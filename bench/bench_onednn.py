@@ -142,30 +142,37 @@ def sqnr(reference: torch.Tensor, actual: torch.Tensor) -> float:
     return float("inf") if noise == 0 else float(10 * torch.log10(reference.float().pow(2).mean() / noise))
 
 
-def calibrate(prepared: Any, example: tuple, batches: int) -> None:
+def calibration_batches(example: tuple, batches: int) -> list[tuple]:
+    """``batches`` random batches shaped like ``example``, then ``example``: drawn once, so that
+    every flow calibrates on the same data (their SQNRs are comparable only then)."""
+    g = torch.Generator().manual_seed(1234)
+    drawn = [tuple(torch.randn(t.shape, generator=g, dtype=t.dtype) for t in example) for _ in range(batches)]
+    return drawn + [example]
+
+
+def calibrate(prepared: Any, batches: list[tuple]) -> None:
     with torch.no_grad():
-        for _ in range(batches):
-            prepared(*[torch.randn_like(t) for t in example])
-        prepared(*example)
+        for batch in batches:
+            prepared(*batch)
 
 
-def qcore_converted(model: nn.Module, example: tuple, batches: int) -> Any:
+def qcore_converted(model: nn.Module, example: tuple, batches: list[tuple]) -> Any:
     import qcore
     from qcore_onednn_x86 import X86InductorQuantizer, get_default_x86_inductor_quantization_config
 
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     prepared = qcore.prepare_pt2e(torch.export.export(model, example).module(), quantizer)
-    calibrate(prepared, example, batches)
+    calibrate(prepared, batches)
     return qcore.convert_pt2e(prepared)
 
 
-def torchao_converted(model: nn.Module, example: tuple, batches: int) -> Any:
+def torchao_converted(model: nn.Module, example: tuple, batches: list[tuple]) -> Any:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(torch.export.export(model, example).module(), quantizer)
-    calibrate(prepared, example, batches)
+    calibrate(prepared, batches)
     return convert_pt2e(prepared)
 
 
@@ -210,6 +217,7 @@ def build_variants(name: str, args: argparse.Namespace) -> tuple[list[Variant], 
     with torch.no_grad():
         reference = model(*example)
     torch._dynamo.reset()
+    calibration = calibration_batches(example, args.calibration_batches)
 
     # (label, builder returning the callable, Inductor freezing while built); builders run lazily so
     # a failure costs one row, not the model
@@ -220,11 +228,11 @@ def build_variants(name: str, args: argparse.Namespace) -> tuple[list[Variant], 
         from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
 
         # every flow quantizes its own copy: compiling with freezing may rewrite shared parameters
-        peer = torchao_converted(copy.deepcopy(model), example, args.calibration_batches)
+        peer = torchao_converted(copy.deepcopy(model), example, calibration)
         plan.append(("torchao int8 lowered eager", lambda: lower_pt2e_quantized_to_x86(copy.deepcopy(peer), example), False))
         if args.compile:
             plan.append(("torchao int8 compiled", lambda: torch.compile(peer), True))
-    ours = qcore_converted(copy.deepcopy(model), example, args.calibration_batches)
+    ours = qcore_converted(copy.deepcopy(model), example, calibration)
     plan.append(("qcore int8 lowered eager", lambda: qcore.lower(ours, backend="onednn", example_inputs=example), False))
     if args.compile:
         plan.append(("qcore int8 compiled", lambda: qcore.compile(ours, backend="onednn", example_inputs=example), False))
