@@ -72,7 +72,6 @@ BOUND_MARGIN = 4.0
 #: torch's float32 sum over 2048 positive terms: ~11 roundings of the partial sums at most.
 SUM_TOLERANCE = 2e-6
 _FLOAT32_EPS = 2.0**-24
-_ZERO = np.float64(0.0)
 #: Neighbouring estimates further apart than this fraction of the larger one are trusted without
 #: computing their bounds: the largest bound measured was 4.6e-4 of its error (torch.ao's float32
 #: error of a range with 2048 bins is within ~2^-23 * 2048 = 2.4e-4 of exact from its rounded bin
@@ -365,8 +364,8 @@ class EstimatedErrors:
         t -= (first * scale)[:, None]  # (edge - start) in destination bins
         abs_t = np.abs(t) if with_bounds else None
         k = np.floor(t)
-        np.maximum(k, _ZERO, out=k)
-        np.minimum(k, np.float64(n - 1), out=k)
+        np.maximum(k, 0.0, out=k)
+        np.minimum(k, n - 1.0, out=k)
         t -= k
         t -= 0.5  # u, the distance from the destination bin centre
         u_squared = t * t

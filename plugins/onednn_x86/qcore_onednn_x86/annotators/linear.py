@@ -32,6 +32,7 @@ from qcore_onednn_x86.annotators.common import (
     LINEAR_OPS,
     LINEAR_UNARY_OPS,
     RELU_OPS,
+    LinearWeight,
     annotate_weighted_op,
     claim_partition,
     is_call,
@@ -42,8 +43,9 @@ from qcore_onednn_x86.annotators.common import (
 from qcore_onednn_x86.annotators.conv import extra_input_of_add
 
 
-def _linears(model: GraphModule, config: QuantizationConfig) -> list[tuple[Node, list[Node]]]:
-    """Each linear-like node with the extra nodes its partition claims (a weight transpose)."""
+def _linears(model: GraphModule, config: QuantizationConfig) -> list[tuple[Node, LinearWeight, list[Node]]]:
+    """Each linear-like node, its weight, and the extra nodes its partition claims (a weight
+    transpose)."""
     found = []
     for node in model.graph.nodes:
         weight = linear_weight(node)
@@ -53,17 +55,15 @@ def _linears(model: GraphModule, config: QuantizationConfig) -> list[tuple[Node,
             continue  # a matmul is only linear-like with a quantized weight
         if weight.ch_axis != 0 and config is not None and config.is_qat:
             continue  # the fused QAT fake-quantizer is per channel on axis 0 only
-        found.append((node, [weight.transpose] if weight.transpose is not None else []))
+        found.append((node, weight, [weight.transpose] if weight.transpose is not None else []))
     return found
 
 
-def annotate_linear_like(node: Node, config: QuantizationConfig) -> None:
-    """Quantize a linear-like node's activation and constant weight (bias float)."""
+def annotate_linear_like(node: Node, weight: LinearWeight, config: QuantizationConfig) -> None:
+    """Quantize a linear-like node's activation and constant ``weight`` (bias float)."""
     if is_call(node, LINEAR_OPS):
         annotate_weighted_op(node, config)
         return
-    weight = linear_weight(node)
-    assert weight is not None
     annotate_input(node, node.args[0], get_input_act_qspec(config))
     spec = get_weight_qspec(config)
     if spec is not None and spec.ch_axis is not None and spec.ch_axis != weight.ch_axis:
@@ -74,10 +74,10 @@ def annotate_linear_like(node: Node, config: QuantizationConfig) -> None:
 def annotate_linear(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
     """A lone linear."""
     partitions = []
-    for linear, extra in _linears(model, config):
+    for linear, weight, extra in _linears(model, config):
         if should_skip([linear, *extra], filter_fn):
             continue
-        annotate_linear_like(linear, config)
+        annotate_linear_like(linear, weight, config)
         partitions.append(claim_partition([*extra, linear], linear, config))
     return partitions
 
@@ -85,11 +85,11 @@ def annotate_linear(model: GraphModule, config: QuantizationConfig, filter_fn: F
 def annotate_linear_unary(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
     """linear followed by its only user, a unary post-op oneDNN fuses."""
     partitions = []
-    for linear, extra in _linears(model, config):
+    for linear, weight, extra in _linears(model, config):
         unary = single_user(linear)
         if not is_call(unary, LINEAR_UNARY_OPS) or should_skip([linear, unary, *extra], filter_fn):
             continue
-        annotate_linear_like(linear, config)
+        annotate_linear_like(linear, weight, config)
         partitions.append(claim_partition([*extra, linear, unary], unary, config))
     return partitions
 
@@ -104,11 +104,11 @@ def _linear_add(linear: Node) -> Optional[Node]:
 def annotate_linear_add(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
     """linear + add(extra float tensor of the same shape)."""
     partitions = []
-    for linear, extra in _linears(model, config):
+    for linear, weight, extra in _linears(model, config):
         add = _linear_add(linear)
         if add is None or should_skip([linear, add, *extra], filter_fn):
             continue
-        annotate_linear_like(linear, config)
+        annotate_linear_like(linear, weight, config)
         partitions.append(claim_partition([*extra, linear, add], add, config))
     return partitions
 
@@ -116,11 +116,11 @@ def annotate_linear_add(model: GraphModule, config: QuantizationConfig, filter_f
 def annotate_linear_add_relu(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
     """linear + add(extra) + relu, one fused partition."""
     partitions = []
-    for linear, extra in _linears(model, config):
+    for linear, weight, extra in _linears(model, config):
         add = _linear_add(linear)
         relu = single_user(add) if add is not None else None
         if not is_call(relu, RELU_OPS) or should_skip([linear, add, relu, *extra], filter_fn):
             continue
-        annotate_linear_like(linear, config)
+        annotate_linear_like(linear, weight, config)
         partitions.append(claim_partition([*extra, linear, add, relu], relu, config))
     return partitions

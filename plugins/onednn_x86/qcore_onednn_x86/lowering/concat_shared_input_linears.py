@@ -30,7 +30,6 @@ from torch.fx import GraphModule, Node
 from qcore.records import LoweringContext
 
 from qcore_onednn_x86.lowering.graph_utils import (
-    DQ_PER_CHANNEL,
     act_dequantize,
     aten,
     drop_unused_constants,
@@ -41,6 +40,7 @@ from qcore_onednn_x86.lowering.graph_utils import (
     register_constant,
     tensor_val,
     uint8_quantize,
+    weight_dequantize,
 )
 from qcore_onednn_x86.lowering.post_ops import unary_post_op
 
@@ -64,13 +64,11 @@ def _member(model: GraphModule, linear: Node) -> Optional[Member]:
     if x is None or not x.is_literal or len(x.node.users) != 1:
         return None
     w_dq = linear.args[1]
-    if not is_call(w_dq, DQ_PER_CHANNEL) or len(w_dq.users) != 1 or w_dq.kwargs:
+    weight_nodes = weight_dequantize(model, w_dq)
+    if weight_nodes is None or len(w_dq.users) != 1 or w_dq.kwargs or tuple(w_dq.args[4:6]) != (-128, 127):
         return None
-    w, scale, zero_point, axis, qmin, qmax, dtype = (list(w_dq.args) + [None] * 7)[:7]
-    weight, scale_t, zp_t = get_constant(model, w), get_constant(model, scale), get_constant(model, zero_point)
-    if weight is None or scale_t is None or zp_t is None or axis != 0 or dtype != torch.int8 or weight.dim() != 2:
-        return None
-    if (qmin, qmax) != (-128, 127) or weight.dtype != torch.int8:
+    weight, scale_t, zp_t = (get_constant(model, n) for n in weight_nodes)
+    if weight.dim() != 2:
         return None
     bias_node = linear.args[2] if len(linear.args) > 2 else None
     bias = get_constant(model, bias_node) if bias_node is not None else None

@@ -168,6 +168,23 @@ class ActivationQParams:
         )
 
 
+def weight_dequantize(model: GraphModule, node: Any, axis: int = 0) -> Optional[tuple]:
+    """(int8 weight node, scale node, zero-point node) of a per-channel int8 weight dequantize
+    on constants along ``axis`` (0: ``[out, in, ...]`` weights; 1: a ``[in, out]`` matmul
+    weight), with float32 output; None otherwise."""
+    if not is_call(node, DQ_PER_CHANNEL):
+        return None
+    w, scale, zero_point, ch_axis, _qmin, _qmax, dtype = (list(node.args) + [None] * 7)[:7]
+    if ch_axis != axis or dtype != torch.int8:
+        return None
+    weight = get_constant(model, w)
+    if weight is None or weight.dtype != torch.int8 or get_constant(model, scale) is None or get_constant(model, zero_point) is None:
+        return None
+    if node.kwargs.get("out_dtype") not in (None, torch.float32):
+        return None
+    return w, scale, zero_point
+
+
 def act_dequantize(node: Any, dtypes: tuple = (torch.uint8,)) -> Optional[ActivationQParams]:
     """Read a per-tensor activation dequantize of one of ``dtypes``; None if ``node`` is not one."""
     if not is_call(node, DQ_PER_TENSOR):

@@ -29,7 +29,6 @@ from torch.fx import GraphModule, Node
 from qcore.records import LoweringContext
 
 from qcore_onednn_x86.lowering.graph_utils import (
-    DQ_PER_CHANNEL,
     act_dequantize,
     aten,
     copy_meta,
@@ -38,6 +37,7 @@ from qcore_onednn_x86.lowering.graph_utils import (
     finish,
     get_constant,
     is_call,
+    weight_dequantize,
     onednn,
     onednn_declines,
     pair,
@@ -74,22 +74,6 @@ def conv_arguments(conv: Node) -> Optional[dict]:
     for key, default in (("stride", 1), ("padding", 0), ("dilation", 1)):
         args[key] = pair(args[key], default)
     return args
-
-
-def weight_dequantize(model: GraphModule, node: Any) -> Optional[tuple]:
-    """(int8 weight node, scale node, zero-point node) of a per-channel axis-0 int8 weight
-    dequantize on constants; None otherwise."""
-    if not is_call(node, DQ_PER_CHANNEL):
-        return None
-    w, scale, zero_point, axis, _qmin, _qmax, dtype = (list(node.args) + [None] * 7)[:7]
-    if axis != 0 or dtype != torch.int8:
-        return None
-    weight = get_constant(model, w)
-    if weight is None or weight.dtype != torch.int8 or get_constant(model, scale) is None or get_constant(model, zero_point) is None:
-        return None
-    if node.kwargs.get("out_dtype") not in (None, torch.float32):
-        return None
-    return w, scale, zero_point
 
 
 def prepack_conv_weights(model: GraphModule, context: LoweringContext) -> bool:

@@ -52,8 +52,8 @@ from qcore_onednn_x86.lowering.graph_utils import (
     single_user,
     static_shape,
     tensor_val,
+    weight_dequantize,
 )
-from qcore_onednn_x86.lowering.prepack_conv_weights import weight_dequantize
 
 log = logging.getLogger(__name__)
 
@@ -260,21 +260,16 @@ def _match_bmm(node: Node) -> Optional[LinearMatch]:
 
 def _packable_weight(model: GraphModule, match: LinearMatch) -> Optional[tuple]:
     """``(int8 [out, in] weight tensor, scale node, zero-point node)`` of the match, or None."""
-    if match.w_axis == 0:
-        weight = weight_dequantize(model, match.w_dq)
-        if weight is None:
+    weight = weight_dequantize(model, match.w_dq, axis=match.w_axis)
+    if weight is None:
+        return None
+    w_node, w_scale_node, w_zp_node = weight
+    w_int8 = get_constant(model, w_node)
+    if match.w_axis == 1:
+        if w_int8.dim() != 2:
             return None
-        w_node, w_scale_node, w_zp_node = weight
-        return get_constant(model, w_node), w_scale_node, w_zp_node
-    w, scale, zero_point, axis, _qmin, _qmax, dtype = (list(match.w_dq.args) + [None] * 7)[:7]
-    w_int8 = get_constant(model, w)
-    if axis != 1 or dtype != torch.int8 or w_int8 is None or w_int8.dtype != torch.int8 or w_int8.dim() != 2:
-        return None
-    if get_constant(model, scale) is None or get_constant(model, zero_point) is None:
-        return None
-    if match.w_dq.kwargs.get("out_dtype") not in (None, torch.float32):
-        return None
-    return w_int8.t().contiguous(), scale, zero_point  # [in, out] -> [out, in]; scales run along out
+        w_int8 = w_int8.t().contiguous()  # [in, out] -> [out, in]; scales run along out
+    return w_int8, w_scale_node, w_zp_node
 
 
 def prepack_linear_weights(model: GraphModule, context: LoweringContext) -> bool:
