@@ -216,7 +216,9 @@ class CompiledModel(torch.nn.Module):
 
     Each call runs without autograd and with the backend's Inductor settings set for the
     duration of the call only (Dynamo and Inductor read them when they (re)compile); the
-    previous global values are put back after every call.
+    previous global values are put back after every call. A call does only what differs from
+    the caller's state: no ``no_grad`` context when autograd is already off, no switch of a
+    setting that already has the backend's value (each switch costs microseconds).
     """
 
     def __init__(self, lowered: GraphModule, compiled: Any, settings: dict) -> None:
@@ -226,20 +228,26 @@ class CompiledModel(torch.nn.Module):
         object.__setattr__(self, "compiled", compiled)  # not a second registration of `lowered`
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self._call_with_settings(args, kwargs)
+        return self._call_with_settings(args, kwargs)
+
+    def _call_with_settings(self, args: tuple, kwargs: dict) -> Any:
         from torch._inductor import config as inductor_config
 
-        # only the settings that differ are switched (each switch costs microseconds a call)
-        previous = {}
+        previous = []
         for key, value in self.settings.items():
             current = getattr(inductor_config, key)
             if current != value:
-                previous[key] = current
+                previous.append((key, current))
                 setattr(inductor_config, key, value)
+        if not previous:
+            return self.compiled(*args, **kwargs)
         try:
-            with torch.no_grad():
-                return self.compiled(*args, **kwargs)
+            return self.compiled(*args, **kwargs)
         finally:
-            for key, value in previous.items():
+            for key, value in previous:
                 setattr(inductor_config, key, value)
 
 

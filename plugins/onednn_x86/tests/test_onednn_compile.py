@@ -103,6 +103,14 @@ def test_compile_matches_the_lowered_model_and_leaves_global_inductor_settings_a
             assert not actual.requires_grad
             assert (expected - actual).abs().max() <= largest_activation_scale(converted) * 1.01 + 1e-5
         assert inductor_settings() == before
+        # the short paths: autograd already off (no no_grad context), freezing already on (no switch)
+        with torch.no_grad():
+            assert torch.equal(first(*MLP_EXAMPLE), actual)
+        assert torch.is_grad_enabled()
+        with config.patch(freezing=True):
+            assert torch.equal(first(*MLP_EXAMPLE), actual)
+            assert config.freezing is True
+        assert inductor_settings() == before
     assert first.lowered.meta["qcore_lowered"]["counters"]["qlinear_weight_prepack_matcher_count"] == 2
     # Inductor's freezing passes ran torch's x86 quantization patterns too: they matched nothing
     assert torch_x86_quantization_matches() == {}
