@@ -11,7 +11,8 @@ the previous one. This module finds the same (start_bin, end_bin), bit for bit:
 * the search only needs the *sign* of each step's error change, so it first estimates the
   errors of a batch of candidates in float64 from a closed form (:class:`EstimatedErrors`, a
   few numpy passes), and trusts the estimate where two neighbouring errors differ by more than
-  torch.ao's own float32 rounding can move them (a bound computed with each estimate);
+  torch.ao's own float32 rounding can move them (a bound, computed for the two rows of a step
+  only when their estimates are within :data:`COARSE_TOLERANCE`);
 * only near such a tie are the two errors computed exactly (:class:`FloorDivErrors`), one row
   per candidate, with every float32 operation torch.ao performs for that candidate (so each
   row sums to torch.ao's error exactly), the begin and end edge of every bin in one stacked
@@ -304,9 +305,19 @@ class FloorDivErrors:
         return _sum_rows(norm)
 
 
+def _edges_and_minus_ones(edges: np.ndarray) -> np.ndarray:
+    """Rows (edge, -1): a range's (scale, offset) times this is ``edge * scale - offset`` per edge."""
+    stacked = np.empty((2, edges.shape[0]))
+    stacked[0] = edges
+    stacked[1] = -1.0
+    return stacked
+
+
 @functools.lru_cache(maxsize=8)
-def _edge_indices(count: int) -> np.ndarray:
-    return np.arange(count, dtype=np.float64)
+def _all_edges_and_minus_ones(count: int) -> np.ndarray:
+    stacked = _edges_and_minus_ones(np.arange(count, dtype=np.float64))
+    stacked.flags.writeable = False  # shared between histograms
+    return stacked
 
 
 class EstimatedErrors:
@@ -340,45 +351,120 @@ class EstimatedErrors:
         jumps = np.zeros(size)
         jumps[1:] = density  # the density left of edge m ...
         jumps[:-1] -= density  # ... minus the density right of it
-        touching = np.zeros(size)
-        touching[1:] = density  # the density left of edge m ...
-        touching[:-1] += density  # ... plus the density right of it
-        edges = np.flatnonzero(touching)
-        if edges.shape[0] > size // 2:
-            # dense: gathering the edges next to data costs more than it saves
-            self.edges, self.jumps, self.touching = _edge_indices(size), jumps, touching
+        self.density = density
+        self.edge_index: Optional[np.ndarray] = None  # None: every edge; else the edges next to data
+        self._touching: Optional[np.ndarray] = None
+        if np.count_nonzero(density) <= size // 2:
+            touching = self.touching
+            edge_index = np.flatnonzero(touching)
+            if edge_index.shape[0] <= size // 2:
+                # sparse: only the edges next to data carry a jump or touch data
+                self.edge_index, self._touching = edge_index, touching[edge_index]
+                jumps = jumps[edge_index]
+        # dense: gathering the edges next to data costs more than it saves
+        if self.edge_index is None:
+            self.edges_and_minus_ones = _all_edges_and_minus_ones(size)
         else:
-            self.edges, self.jumps, self.touching = edges.astype(np.float64), jumps[edges], touching[edges]
+            self.edges_and_minus_ones = _edges_and_minus_ones(self.edge_index.astype(np.float64))
+        # the two weights of the estimate, 1/12 for k and 1/3 for u^3, folded into the jumps
+        self.jumps_12 = jumps / 12.0
+        self.jumps_3 = jumps / 3.0
         self.bin_width = bin_width
         self.dst_nbins = dst_nbins
+
+    @property
+    def touching(self) -> np.ndarray:
+        """Per edge: the density left of it plus the density right of it (for the bounds)."""
+        if self._touching is None:
+            density = self.density
+            touching = np.zeros(density.shape[0] + 1)
+            touching[1:] = density
+            touching[:-1] += density
+            self._touching = touching if self.edge_index is None else touching[self.edge_index]
+        return self._touching
 
     def errors(
         self, starts: list[int], ends: list[int], with_bounds: bool = False
     ) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """The estimated errors of the ranges ``zip(starts, ends)``, and their bounds if asked."""
+        batch = self.batch(starts, ends)
+        return batch.estimates, (batch.bounds() if with_bounds else None)
+
+    def batch(self, starts: list[int], ends: list[int]) -> "EstimateBatch":
+        """The estimated errors of the ranges ``zip(starts, ends)``; each bound on demand."""
         n = self.dst_nbins
-        first = np.array(starts, dtype=np.float64)
-        length = np.array(ends, dtype=np.float64) - first + 1.0
-        scale = n / length
-        t = np.multiply.outer(scale, self.edges)
-        t -= (first * scale)[:, None]  # (edge - start) in destination bins
-        abs_t = np.abs(t) if with_bounds else None
-        k = np.floor(t)
-        np.maximum(k, 0.0, out=k)
-        np.minimum(k, n - 1.0, out=k)
-        t -= k
-        t -= 0.5  # u, the distance from the destination bin centre
-        u_squared = t * t
-        u_cubed = u_squared * t
-        dst_width_cubed = (self.bin_width * length / n) ** 3
-        estimates = dst_width_cubed * ((k @ self.jumps) / 12.0 + (u_cubed @ self.jumps) / 3.0)
-        if abs_t is None:
-            return estimates, None
-        abs_t *= u_squared  # u^2 * |t|
-        np.abs(t, out=t)
-        t *= u_squared  # |u|^3
-        t += abs_t
-        return estimates, dst_width_cubed * _FLOAT32_EPS * (t @ self.touching)
+        count = len(starts)
+        # per range: its scale (destination bins per source bin) and offset, (start * scale + 1/2)
+        coefficients = np.empty((count, 2))
+        coefficients[:, 0] = starts
+        length = np.array(ends, dtype=np.float64)
+        length -= coefficients[:, 0]
+        length += 1.0
+        np.divide(n, length, out=coefficients[:, 1])
+        coefficients[:, 0] *= coefficients[:, 1]
+        coefficients[:, 0] += 0.5
+        coefficients = coefficients[:, ::-1]  # (scale, offset)
+        # u + k = t - 1/2, with t = (edge - start) * scale; k = clamp(floor(t)) is
+        # clamp(rint(t - 1/2)) except where t is an integer, at which G is continuous (either k
+        # gives the same k / 12 + u^3 / 3)
+        u = coefficients @ self.edges_and_minus_ones
+        k = np.rint(u)
+        np.clip(k, 0.0, n - 1.0, out=k)
+        u -= k
+        u_squared = u * u
+        u_cubed = u_squared * u
+        length *= self.bin_width / n
+        dst_width_cubed = length * length
+        dst_width_cubed *= length
+        estimates = k @ self.jumps_12
+        estimates += u_cubed @ self.jumps_3
+        estimates *= dst_width_cubed
+        return EstimateBatch(estimates, u, k, u_squared, dst_width_cubed, self)
+
+
+class EstimateBatch:
+    """The estimates of a batch of candidate ranges (``estimates``), and the bound of a row,
+    computed from the batch's arrays when asked (``bound``; ``bounds`` for every row)::
+
+        bound = D^3 * eps * (|u|^3 + u^2 * |t|) @ touching,   t = u + k + 1/2
+    """
+
+    def __init__(
+        self,
+        estimates: np.ndarray,
+        u: np.ndarray,
+        k: np.ndarray,
+        u_squared: np.ndarray,
+        dst_width_cubed: np.ndarray,
+        source: EstimatedErrors,
+    ) -> None:
+        self.estimates = estimates
+        self.u, self.k, self.u_squared = u, k, u_squared
+        self.dst_width_cubed = dst_width_cubed
+        self.source = source
+        self._bounds: dict[int, float] = {}
+
+    def _terms(self, rows: slice | int) -> np.ndarray:
+        u, u_squared = self.u[rows], self.u_squared[rows]
+        terms = self.k[rows] + u
+        terms += 0.5
+        np.abs(terms, out=terms)
+        terms *= u_squared  # u^2 * |t|
+        cubes = np.abs(u)
+        cubes *= u_squared  # |u|^3
+        terms += cubes
+        return terms
+
+    def bound(self, row: int) -> float:
+        """The bound of row ``row``'s estimate."""
+        if row not in self._bounds:
+            scale = float(self.dst_width_cubed[row]) * _FLOAT32_EPS
+            self._bounds[row] = scale * float(self._terms(row) @ self.source.touching)
+        return self._bounds[row]
+
+    def bounds(self) -> np.ndarray:
+        """The bounds of every row."""
+        return self.dst_width_cubed * _FLOAT32_EPS * (self._terms(slice(None)) @ self.source.touching)
 
 
 def quantization_errors(
@@ -472,23 +558,26 @@ def _search_with_estimated_errors(
     two ranges where they do not. None if an estimate is not finite (a case it does not cover)."""
     start, end = 0, bins - 1
     previous_estimate = math.inf
+    previous: Optional[tuple[EstimateBatch, int]] = None  # the batch and row of (start, end)
     exact: Optional[FloorDivErrors] = None  # built at the first near tie
-    batch, next_batch = _FIRST_ESTIMATE_BATCH, _FIRST_ESTIMATE_BATCH
+    size, next_size = _FIRST_ESTIMATE_BATCH, _FIRST_ESTIMATE_BATCH
     while True:
-        starts, ends = _next_batch(ranges, batch)
+        starts, ends = _next_batch(ranges, size)
         if not starts:
             return start, end
-        estimates, _ = estimate.errors(starts, ends)
-        if not np.isfinite(estimates).all():
+        batch = estimate.batch(starts, ends)
+        estimates = batch.estimates.tolist()
+        if not math.isfinite(sum(estimates)):  # an estimate is not finite (or they overflow)
             return None
-        for next_start, next_end, error in zip(starts, ends, estimates.tolist()):
+        for row, (next_start, next_end, error) in enumerate(zip(starts, ends, estimates)):
             larger = error > previous_estimate
-            close = abs(error - previous_estimate) <= COARSE_TOLERANCE * max(error, previous_estimate)
-            if close and previous_estimate != math.inf:
+            difference = abs(error - previous_estimate)
+            if previous is not None and difference <= COARSE_TOLERANCE * max(error, previous_estimate):
                 # close: bound how far torch.ao's float32 errors can be from these two estimates
-                pair, bounds = estimate.errors([start, next_start], [end, next_end], with_bounds=True)
-                slack = BOUND_MARGIN * bounds + SUM_TOLERANCE * np.abs(pair)
-                if not np.isfinite(slack).all() or abs(pair[1] - pair[0]) <= slack.sum():
+                previous_batch, previous_row = previous
+                slack = BOUND_MARGIN * (previous_batch.bound(previous_row) + batch.bound(row))
+                slack += SUM_TOLERANCE * (abs(previous_estimate) + abs(error))
+                if not math.isfinite(slack) or difference <= slack:
                     # too close to call: torch.ao's own float32 errors decide
                     exact = exact or exact_kernel()
                     previous_exact, exact_error = exact.errors([start, next_start], [end, next_end])
@@ -496,5 +585,6 @@ def _search_with_estimated_errors(
             if larger:
                 return start, end
             previous_estimate = error
+            previous = (batch, row)
             start, end = next_start, next_end
-        batch, next_batch = next_batch, min(batch + next_batch, _MAX_BATCH)  # 4, 4, 8, 12, 20, ...
+        size, next_size = next_size, min(size + next_size, _MAX_BATCH)  # 4, 4, 8, 12, 20, ...
