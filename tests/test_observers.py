@@ -318,6 +318,26 @@ def test_estimated_errors_are_within_their_bound_of_torch_ao(kind, dst_dtype):
     assert (bounds <= histogram_search.COARSE_TOLERANCE / 2 * estimates).all()
 
 
+def test_estimate_batch_bounds_agree_row_by_row_by_pair_and_all_at_once():
+    """The search asks a batch for one row's bound or two neighbouring rows' bounds (cached);
+    both equal the bounds of every row computed together."""
+    ref = ao.HistogramObserver()
+    for x in _batches("normal", shape=(64, 128), count=2, seed=3):
+        ref(x)
+    bin_width = (ref.max_val.item() - ref.min_val.item()) / ref.bins
+    ranges = _candidate_ranges_of(ref)[:6]
+    starts, ends = [r[0] for r in ranges], [r[1] for r in ranges]
+    estimate = histogram_search.EstimatedErrors(ref.histogram.numpy(), bin_width, ref.dst_nbins)
+    every = estimate.batch(starts, ends).bounds()
+    assert (every > 0).all()
+    batch = estimate.batch(starts, ends)
+    assert batch.bound(2) == pytest.approx(every[2], rel=1e-12)
+    assert batch.bound_pair(2) == pytest.approx(every[2:4].tolist(), rel=1e-12)  # one of them known
+    assert batch.bound_pair(4) == pytest.approx(every[4:6].tolist(), rel=1e-12)  # neither known
+    assert batch.bound(5) == batch.bound_pair(4)[1]  # cached
+    assert np.array_equal(batch.estimates, estimate.errors(starts, ends)[0])
+
+
 @pytest.mark.parametrize("path", ["always_exact_near_ties", "no_estimate"])
 def test_search_fallbacks_give_torch_ao_result(monkeypatch, path):
     """The two ways the search falls back to torch.ao's exact float32 errors: every close pair

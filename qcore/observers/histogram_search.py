@@ -462,6 +462,15 @@ class EstimateBatch:
             self._bounds[row] = scale * float(self._terms(row) @ self.source.touching)
         return self._bounds[row]
 
+    def bound_pair(self, row: int) -> tuple[float, float]:
+        """The bounds of rows ``row`` and ``row + 1`` (one pass over both when neither is known)."""
+        if row in self._bounds or row + 1 in self._bounds:
+            return self.bound(row), self.bound(row + 1)
+        rows = slice(row, row + 2)
+        pair = self.dst_width_cubed[rows] * _FLOAT32_EPS * (self._terms(rows) @ self.source.touching)
+        self._bounds[row], self._bounds[row + 1] = pair.tolist()
+        return self._bounds[row], self._bounds[row + 1]
+
     def bounds(self) -> np.ndarray:
         """The bounds of every row."""
         return self.dst_width_cubed * _FLOAT32_EPS * (self._terms(slice(None)) @ self.source.touching)
@@ -575,7 +584,11 @@ def _search_with_estimated_errors(
             if previous is not None and difference <= COARSE_TOLERANCE * max(error, previous_estimate):
                 # close: bound how far torch.ao's float32 errors can be from these two estimates
                 previous_batch, previous_row = previous
-                slack = BOUND_MARGIN * (previous_batch.bound(previous_row) + batch.bound(row))
+                if previous_batch is batch:  # the rows before and at this step: one pass
+                    previous_bound, bound = batch.bound_pair(previous_row)
+                else:
+                    previous_bound, bound = previous_batch.bound(previous_row), batch.bound(row)
+                slack = BOUND_MARGIN * (previous_bound + bound)
                 slack += SUM_TOLERANCE * (abs(previous_estimate) + abs(error))
                 if not math.isfinite(slack) or difference <= slack:
                     # too close to call: torch.ao's own float32 errors decide
