@@ -39,6 +39,16 @@ from qcore.observers import (
 )
 from qcore.observers import histogram_search
 
+
+@pytest.fixture(params=["compiled", "numpy"])
+def search_path(request, monkeypatch):
+    """Run a test with the compiled histogram search, then with the numpy one alone."""
+    if request.param == "compiled" and histogram_search._search_kernel is None:
+        pytest.skip("qcore was built without its compiled histogram search (no C compiler)")
+    if request.param == "numpy":
+        monkeypatch.setattr(histogram_search, "_search_kernel", None)
+    return request.param
+
 SYM, AFF = torch.per_tensor_symmetric, torch.per_tensor_affine
 PC_SYM, PC_AFF, PC_FLOAT = (
     torch.per_channel_symmetric,
@@ -252,7 +262,7 @@ def test_histogram_matches_torch_ao(kind, config):
 
 @pytest.mark.parametrize("bins", [2048, 256, 100])
 @pytest.mark.parametrize("seed", range(4))
-def test_histogram_search_matches_torch_ao_on_random_histograms(bins, seed):
+def test_histogram_search_matches_torch_ao_on_random_histograms(bins, seed, search_path):
     """Odd histograms set directly: gaps, spikes, heavy edges, exact bin alignments."""
     g = torch.Generator().manual_seed(seed)
     counts = torch.randint(0, 50, (bins,), generator=g).float()
@@ -420,7 +430,7 @@ RANDOM_HISTOGRAM_CONFIGS = [
 @pytest.mark.parametrize(
     "kind", ["normal", "relu", "gelu", "heavy_tailed", "outliers", "sparse", "exponential", "zeros", "constant"]
 )
-def test_histogram_qparams_bit_identical_to_torch_ao_over_many_seeds(kind):
+def test_histogram_qparams_bit_identical_to_torch_ao_over_many_seeds(kind, search_path):
     """Random activations, one to three batches (the range grows, so the histogram is re-binned
     with the upsample path, or the single-value path when the first batch is constant): the
     search picks torch.ao's range, so scale and zero point are identical, bit for bit."""
@@ -439,7 +449,7 @@ def test_histogram_qparams_bit_identical_to_torch_ao_over_many_seeds(kind):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_histogram_search_matches_torch_ao_on_set_histograms(seed):
+def test_histogram_search_matches_torch_ao_on_set_histograms(seed, search_path):
     """Histograms set directly (spikes at the edges, long empty stretches, fractional counts)
     over ranges from tiny to huge: torch.ao's (min, max), bit for bit."""
     g = torch.Generator().manual_seed(100 + seed)
@@ -458,6 +468,67 @@ def test_histogram_search_matches_torch_ao_on_set_histograms(seed):
         new_min, new_max = obs._non_linear_param_search()
         ao_min, ao_max = ref._non_linear_param_search()
         assert torch.equal(new_min, ao_min) and torch.equal(new_max, ao_max), (seed, config)
+
+
+needs_kernel = pytest.mark.skipif(histogram_search._search_kernel is None, reason="built without a C compiler")
+
+
+def test_compiled_search_is_built_where_a_c_compiler_is():
+    import shutil
+    import sysconfig
+
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}) on this machine")
+    assert histogram_search._search_kernel is not None, "qcore.observers._search_kernel was not built"
+
+
+@needs_kernel
+def test_compiled_search_matches_the_numpy_search(monkeypatch):
+    """The same (start_bin, end_bin) as the numpy search, on random activations of every kind."""
+    kinds = ["normal", "relu", "gelu", "heavy_tailed", "outliers", "sparse", "exponential"]
+    results = {}
+    for path in ("compiled", "numpy"):
+        if path == "numpy":
+            monkeypatch.setattr(histogram_search, "_search_kernel", None)
+        found = []
+        for seed in range(70):
+            g = torch.Generator().manual_seed(seed)
+            obs = HistogramObserver(**RANDOM_HISTOGRAM_CONFIGS[seed % len(RANDOM_HISTOGRAM_CONFIGS)])
+            for batch in range(1 + seed % 2):
+                obs(_random_activation(kinds[seed % len(kinds)], g, 3000))
+            bin_width = (obs.max_val.item() - obs.min_val.item()) / obs.bins
+            found.append(histogram_search.search_bin_range(obs.histogram, bin_width, obs.dst_nbins))
+        results[path] = found
+    assert results["compiled"] == results["numpy"]
+
+
+@needs_kernel
+def test_compiled_search_leaves_near_ties_to_python():
+    """With a margin too wide to call any close step, the compiled search declines (None)."""
+    obs = HistogramObserver()
+    obs(torch.randn(20000, generator=torch.Generator().manual_seed(0)))
+    counts = obs.histogram.numpy()
+    bin_width = (obs.max_val.item() - obs.min_val.item()) / obs.bins
+    alphas, betas = histogram_search._quantile_step_arrays()
+    total = torch.sum(obs.histogram).item()
+    search = histogram_search._search_kernel.search
+    assert search(counts, total, bin_width, obs.dst_nbins, alphas, betas, 4.0, 2e-6, 4e-3) == (
+        histogram_search._search_bin_range_in_python(obs.histogram, total, bin_width, obs.dst_nbins)
+    )
+    assert search(counts, total, bin_width, obs.dst_nbins, alphas, betas, 1e12, 2e-6, 1.0) is None
+
+
+@needs_kernel
+def test_compiled_search_rejects_bad_buffers():
+    alphas, betas = histogram_search._quantile_step_arrays()
+    search = histogram_search._search_kernel.search
+    with pytest.raises(ValueError, match="one float32 per bin"):
+        search(np.zeros(0, dtype=np.float32), 0.0, 1.0, 256, alphas, betas, 4.0, 2e-6, 4e-3)
+    with pytest.raises(ValueError, match="the same number of float64 steps"):
+        search(np.ones(8, dtype=np.float32), 8.0, 1.0, 256, alphas, betas[:-1], 4.0, 2e-6, 4e-3)
+    with pytest.raises(TypeError):
+        search([1.0, 2.0], 3.0, 1.0, 256, alphas, betas, 4.0, 2e-6, 4e-3)  # not a buffer
 
 
 @pytest.mark.parametrize("skip_empty", [False, True])

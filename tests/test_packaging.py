@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def _project_version(source: Path) -> str:
 def _copy_source(source: Path, dest: Path) -> Path:
     if source == REPO:  # the core: only what its wheel is built from
         dest.mkdir(parents=True)
-        for name in ("pyproject.toml", "README.md", "LICENSE"):
+        for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
             if (source / name).exists():
                 shutil.copy2(source / name, dest / name)
         shutil.copytree(source / "qcore", dest / "qcore", ignore=SKIP_IN_COPY)
@@ -90,6 +91,11 @@ def test_wheels_carry_versions_extras_entry_points_and_console_script(wheels):
             assert f"{package}/plugin.py" in names
         else:
             assert "[console_scripts]" in entry_points and "qcore = qcore.cli:main" in entry_points
+    with zipfile.ZipFile(wheels["qcore"]) as zf:
+        kernels = [n for n in zf.namelist() if n.startswith("qcore/observers/_search_kernel") and n.endswith(".so")]
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is not None:  # built where a C compiler is (optional elsewhere)
+        assert kernels, "the core wheel carries the compiled histogram search"
     core = _wheel_metadata(wheels["qcore"])
     requires = core.get_all("Requires-Dist")
     assert set(core.get_all("Provides-Extra")) >= {"xnnpack", "onednn"}

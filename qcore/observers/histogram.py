@@ -273,7 +273,8 @@ class HistogramObserver(ObserverBase):
 
     def _search_range(self, min_val: float, max_val: float) -> tuple[np.float32, np.float32]:
         """:meth:`_non_linear_param_search` as float32 numpy scalars."""
-        start, end = search_bin_range(self.histogram, (max_val - min_val) / self.bins, self.dst_nbins)
+        histogram = self._buffers["histogram"]
+        start, end = search_bin_range(histogram, (max_val - min_val) / self.bins, self.dst_nbins)
         # torch.ao's float32 arithmetic: bin_width = (max - min) / bins, new_min = min + bin_width *
         # start, new_max = min + bin_width * (end + 1), one rounded operation at a time
         low, high = to_float32(min_val), to_float32(max_val)
@@ -284,23 +285,24 @@ class HistogramObserver(ObserverBase):
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` of shape ``[1]``; the defaults 1.0 and 0 before any data."""
-        min_val, max_val = self.min_val.item(), self.max_val.item()
+        buffers = self._buffers  # (one dict lookup each, not nn.Module.__getattr__)
+        min_buffer, max_buffer, eps = buffers["min_val"], buffers["max_val"], buffers["eps"]
+        min_val, max_val = min_buffer.item(), max_buffer.item()
         if min_val == math.inf and max_val == -math.inf:
             warnings.warn(
                 f"{self._who()}: calculate_qparams called before the observer saw any data; "
                 "returning the default scale 1.0 and zero point 0",
                 stacklevel=2,
             )
-            device = self.min_val.device.type
+            device = min_buffer.device.type
             return torch.tensor([1.0], device=device), torch.tensor([0], device=device)
-        if self.histogram.numel() != self.bins:
+        if buffers["histogram"].numel() != self.bins:
             raise ValueError(
-                f"{self._who()}: the histogram has {self.histogram.numel()} bins, expected {self.bins}"
+                f"{self._who()}: the histogram has {buffers['histogram'].numel()} bins, expected {self.bins}"
             )
-        eps = self.eps
         if (
             self.qscheme in PER_TENSOR_QSCHEMES
-            and self.min_val.device.type == "cpu"
+            and min_buffer.device.type == "cpu"
             and eps.device.type == "cpu"
             and eps.dtype == torch.float32
             and eps.numel() == 1

@@ -13,6 +13,9 @@ the previous one. This module finds the same (start_bin, end_bin), bit for bit:
   few numpy passes), and trusts the estimate where two neighbouring errors differ by more than
   torch.ao's own float32 rounding can move them (a bound, computed for the two rows of a step
   only when their estimates are within :data:`COARSE_TOLERANCE`);
+* that estimated search runs compiled (``_search_kernel.c``, one candidate at a time, built
+  with the package where a C compiler is available); it hands a step too close to call back to
+  the numpy search below, which also runs alone where the package was built without a compiler;
 * only near such a tie are the two errors computed exactly (:class:`FloorDivErrors`), one row
   per candidate, with every float32 operation torch.ao performs for that candidate (so each
   row sums to torch.ao's error exactly), the begin and end edge of every bin in one stacked
@@ -38,6 +41,11 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+
+try:  # the estimated search, compiled (built with the package when a C compiler is available)
+    from qcore.observers import _search_kernel
+except ImportError:  # pragma: no cover - built without a compiler: the numpy search does the same
+    _search_kernel = None
 
 __all__ = [
     "EstimatedErrors",
@@ -112,6 +120,13 @@ def quantile_steps() -> tuple[list[float], list[float]]:
     steps[0] = 1.0
     betas = np.subtract.accumulate(steps).tolist()
     return alphas, betas
+
+
+@functools.lru_cache(maxsize=1)
+def _quantile_step_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """:func:`quantile_steps` as float64 arrays (for the compiled search)."""
+    alphas, betas = quantile_steps()
+    return np.array(alphas), np.array(betas)
 
 
 def candidate_ranges(cum: Sequence[float], total: float) -> Iterator[tuple[int, int]]:
@@ -500,9 +515,24 @@ def search_bin_range(histogram: torch.Tensor, bin_width: float, dst_nbins: int) 
     hist = histogram.detach()
     if hist.device.type != "cpu" or hist.dtype != torch.float32:
         hist = hist.to("cpu", torch.float32)  # the search is torch.ao's float32 arithmetic
+    total = torch.sum(hist).item()
+    if _search_kernel is not None and bin_width != 0.0 and _ESTIMATE_RANGE[0] < bins * bin_width < _ESTIMATE_RANGE[1]:
+        alphas, betas = _quantile_step_arrays()
+        found = _search_kernel.search(
+            hist.contiguous().numpy(), total, bin_width, dst_nbins, alphas, betas,
+            BOUND_MARGIN, SUM_TOLERANCE, COARSE_TOLERANCE,
+        )
+        if found is not None:
+            return found
+        # a near tie (or an estimate that is not finite): the search below decides it
+    return _search_bin_range_in_python(hist, total, bin_width, dst_nbins)
+
+
+def _search_bin_range_in_python(hist: torch.Tensor, total: float, bin_width: float, dst_nbins: int) -> tuple[int, int]:
+    """:func:`search_bin_range` with numpy: estimates first, torch.ao's exact errors at near ties."""
+    bins = hist.numel()
     # the cumulative counts as an array of float32 values, which bisect reads as Python floats
     cum = array("f", torch.cumsum(hist, dim=0).numpy().tobytes())
-    total = torch.sum(hist).item()
     ranges = candidate_ranges(cum, total)
     start, end = 0, bins - 1
     if bin_width == 0.0:
