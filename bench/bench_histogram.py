@@ -14,6 +14,7 @@ qparams of many observers in a row.
     python bench/bench_histogram.py            # the default suite of activation tensors
     python bench/bench_histogram.py --repeats 51 --threads 1
     python bench/bench_histogram.py --block 5  # five calls of one, then five of the other
+    python bench/bench_histogram.py --numpy-search  # qcore's search as built without a C compiler
 
 Times are per-thread CPU time (``time.thread_time``, robust on a shared machine) and wall-clock
 (``time.perf_counter``); the speed-up is computed from CPU time (wall-clock in brackets).
@@ -127,7 +128,17 @@ def main() -> None:
         default=1,
         help="calls per turn (1: strict alternation, each call right after the other library's)",
     )
+    parser.add_argument(
+        "--numpy-search",
+        action="store_true",
+        help="time qcore's numpy search (as built without a C compiler) instead of the compiled one",
+    )
     args = parser.parse_args()
+    from qcore.observers import histogram_search
+
+    if args.numpy_search:
+        histogram_search._search_kernel = None
+    print(f"qcore's search: {'numpy' if histogram_search._search_kernel is None else 'compiled'}")
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
