@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import struct
 import warnings
 from typing import Any, Optional
 
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 
 from qcore.errors import CalibrationError
+
+_FLOAT32 = struct.Struct("f")
 
 __all__ = [
     "INTEGER_DTYPES",
@@ -257,21 +260,36 @@ def _per_tensor_qparams(
     )
 
 
+def to_float32(value: float) -> float:
+    """``value`` rounded to float32, infinite beyond float32's range, as a Python float (how
+    torch compares a float32 tensor with a Python float, too).
+
+    A float32 addition, subtraction, multiplication or division is the double precision one
+    rounded to float32 (double's 53 bits are enough that the two roundings never differ), so
+    ``to_float32(a * b)`` is torch's float32 ``a * b`` for float32 values ``a`` and ``b``.
+    """
+    try:
+        return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
 def per_tensor_qparams_float32(
-    low: np.float32,
-    high: np.float32,
+    low: float,
+    high: float,
     *,
     dtype: torch.dtype,
     qscheme: torch.qscheme,
     quant_min: int,
     quant_max: int,
-    eps: np.float32,
+    eps: float,
     has_customized_qrange: bool,
     who: str = "observer",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`calculate_qparams_from_min_max` for a per-tensor qscheme, from float32 min, max
-    and eps given as numpy scalars (CPU results)."""
-    f32 = np.float32
+    and eps (float32 values, as numpy scalars or Python floats; CPU results). Every operation
+    is torch's float32 one, done on Python floats and rounded with :func:`to_float32`."""
+    low, high, eps = float(low), float(high), float(eps)
     if low == math.inf and high == -math.inf:
         warnings.warn(
             f"{who}: calculate_qparams called before the observer saw any data; "
@@ -280,19 +298,21 @@ def per_tensor_qparams_float32(
         )
         return torch.tensor([1.0]), torch.tensor([0])
     if low > high:
-        raise CalibrationError(f"{who}: min {float(low)} is greater than max {float(high)}")
-    min_neg = min(low, f32(0.0))
-    max_pos = max(high, f32(0.0))
-    eps32 = eps
-    with np.errstate(all="ignore"):
-        if qscheme == torch.per_tensor_symmetric:
-            scale = max(max(-min_neg, max_pos) / f32(float(quant_max - quant_min) / 2), eps32)
-            zero_point = 0
-            if dtype == torch.uint8:
-                zero_point = (quant_min + quant_max) // 2 if has_customized_qrange else 128
-            return _one(scale, np.float32), _one(zero_point, np.int64)
-        scale = max((max_pos - min_neg) / f32(float(quant_max - quant_min)), eps32)
-        zero_point = quant_min - int(np.rint(min_neg / scale))
+        raise CalibrationError(f"{who}: min {low} is greater than max {high}")
+    min_neg = min(low, 0.0)
+    max_pos = max(high, 0.0)
+    if qscheme == torch.per_tensor_symmetric:
+        scale = max(to_float32(max(-min_neg, max_pos) / to_float32(float(quant_max - quant_min) / 2)), eps)
+        zero_point = 0
+        if dtype == torch.uint8:
+            zero_point = (quant_min + quant_max) // 2 if has_customized_qrange else 128
+        return _one(scale, np.float32), _one(zero_point, np.int64)
+    scale = max(to_float32(to_float32(max_pos - min_neg) / float(quant_max - quant_min)), eps)
+    if scale == 0.0:  # eps 0 and an empty range: torch's 0/0 (nan) or x/0 (inf), as numpy gives it
+        with np.errstate(all="ignore"):
+            zero_point = quant_min - int(np.rint(np.float32(min_neg) / np.float32(scale)))
+    else:
+        zero_point = quant_min - round(to_float32(min_neg / scale))  # round: half to even, as rint
     zero_point = min(max(zero_point, quant_min), quant_max)
     return _one(scale, np.float32), _one(zero_point, np.int32)
 

@@ -269,10 +269,13 @@ class HistogramObserver(ObserverBase):
         """The (min, max) range with the smallest L2 quantization error, as torch.ao finds it."""
         new_min, new_max = self._search_range(self.min_val.item(), self.max_val.item())
         device = self.min_val.device
-        return torch.tensor(new_min, device=device), torch.tensor(new_max, device=device)
+        return (
+            torch.tensor(new_min, dtype=torch.float32, device=device),
+            torch.tensor(new_max, dtype=torch.float32, device=device),
+        )
 
-    def _search_range(self, min_val: float, max_val: float) -> tuple[np.float32, np.float32]:
-        """:meth:`_non_linear_param_search` as float32 numpy scalars."""
+    def _search_range(self, min_val: float, max_val: float) -> tuple[float, float]:
+        """:meth:`_non_linear_param_search` as Python floats (float32 values)."""
         histogram = self._buffers["histogram"]
         start, end = search_bin_range(histogram, (max_val - min_val) / self.bins, self.dst_nbins)
         # torch.ao's float32 arithmetic: bin_width = (max - min) / bins, new_min = min + bin_width *
@@ -281,7 +284,7 @@ class HistogramObserver(ObserverBase):
         bin_width = to_float32(to_float32(high - low) / self.bins)
         new_min = to_float32(low + to_float32(bin_width * start))
         new_max = to_float32(low + to_float32(bin_width * (end + 1)))
-        return np.float32(new_min), np.float32(new_max)
+        return new_min, new_max
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` of shape ``[1]``; the defaults 1.0 and 0 before any data."""
@@ -302,8 +305,8 @@ class HistogramObserver(ObserverBase):
             )
         if (
             self.qscheme in PER_TENSOR_QSCHEMES
-            and min_buffer.device.type == "cpu"
-            and eps.device.type == "cpu"
+            and min_buffer.is_cpu
+            and eps.is_cpu
             and eps.dtype == torch.float32
             and eps.numel() == 1
         ):
@@ -317,7 +320,7 @@ class HistogramObserver(ObserverBase):
                 qscheme=self.qscheme,
                 quant_min=self.quant_min,
                 quant_max=self.quant_max,
-                eps=np.float32(eps.item()),
+                eps=eps.item(),
                 has_customized_qrange=self.has_customized_qrange,
                 who=self._who(),
             )

@@ -35,12 +35,13 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-import struct
 from array import array
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+
+from qcore.observers.base import to_float32
 
 try:  # the estimated search, compiled (built with the package when a C compiler is available)
     from qcore.observers import _search_kernel
@@ -61,7 +62,6 @@ __all__ = [
 
 #: Quantile step of torch.ao's search.
 _STEP = 1e-5
-_FLOAT32 = struct.Struct("f")
 #: Candidates whose errors are computed together at first; the batch grows while the search
 #: goes on. Dense activations stop within 3 to 8 candidates; a batch costs mostly its fixed
 #: number of numpy calls, so a few spare candidates are cheaper than a second batch.
@@ -89,20 +89,6 @@ COARSE_TOLERANCE = 4e-3
 #: The estimate is used when every float32 term of torch.ao's error is a normal number: a histogram range
 #: (bins * bin_width) within these bounds.
 _ESTIMATE_RANGE = (1e-12, 1e12)
-
-
-def to_float32(value: float) -> float:
-    """``value`` rounded to float32, infinite beyond float32's range, as a Python float (how
-    torch compares a float32 tensor with a Python float, too).
-
-    A float32 addition, subtraction, multiplication or division is the double precision one
-    rounded to float32 (double's 53 bits are enough that the two roundings never differ), so
-    ``to_float32(a * b)`` is torch's float32 ``a * b`` for float32 values ``a`` and ``b``.
-    """
-    try:
-        return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
-    except OverflowError:
-        return math.copysign(math.inf, value)
 
 
 # ----------------------------------------------------------------------------- the candidates
@@ -512,15 +498,16 @@ def search_bin_range(histogram: torch.Tensor, bin_width: float, dst_nbins: int) 
     ``bin_width`` is ``(max_val.item() - min_val.item()) / bins`` (a Python float).
     """
     bins = histogram.numel()
-    hist = histogram.detach()
-    if hist.device.type != "cpu" or hist.dtype != torch.float32:
+    hist = histogram.detach() if histogram.requires_grad else histogram
+    if not hist.is_cpu or hist.dtype != torch.float32:
         hist = hist.to("cpu", torch.float32)  # the search is torch.ao's float32 arithmetic
     total = torch.sum(hist).item()
     if _search_kernel is not None and bin_width != 0.0 and _ESTIMATE_RANGE[0] < bins * bin_width < _ESTIMATE_RANGE[1]:
         alphas, betas = _quantile_step_arrays()
+        counts = hist.numpy()
         found = _search_kernel.search(
-            hist.contiguous().numpy(), total, bin_width, dst_nbins, alphas, betas,
-            BOUND_MARGIN, SUM_TOLERANCE, COARSE_TOLERANCE,
+            counts if counts.flags.c_contiguous else np.ascontiguousarray(counts), total, bin_width, dst_nbins,
+            alphas, betas, BOUND_MARGIN, SUM_TOLERANCE, COARSE_TOLERANCE,
         )
         if found is not None:
             return found
