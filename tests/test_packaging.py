@@ -175,3 +175,22 @@ def test_readme_quickstart_runs(capsys, fresh_plugin_manager):
     (quickstart,) = _code_blocks((REPO / "README.md").read_text(), "python")[:1]
     exec(compile(quickstart, "README.md quickstart", "exec"), {})
     assert capsys.readouterr().out.strip() == "torch.Size([4, 8])"
+
+
+def test_core_wheel_builds_without_a_c_compiler(tmp_path):
+    """The compiled histogram search is optional: with no working C compiler the core still
+    builds (the numpy search runs instead)."""
+    source = _copy_source(REPO, tmp_path / "src" / "qcore")
+    out = tmp_path / "wheels"
+    env = {**os.environ, "CC": "false", "LDSHARED": "false"}  # a compiler that always fails
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+         "--wheel-dir", str(out), str(source)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = out.glob("qcore-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    assert "qcore/observers/histogram_search.py" in names
+    assert not [n for n in names if "_search_kernel" in n and n.endswith(".so")]
