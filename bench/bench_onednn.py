@@ -286,6 +286,17 @@ def paired_ratio(rounds: list[dict], numerator: str, denominator: str) -> Option
     return statistics.median(ratios) if ratios else None
 
 
+def median_interval(rounds: list[dict], numerator: str, denominator: str, resamples: int = 2000) -> tuple[float, float]:
+    """A 95% bootstrap interval of :func:`paired_ratio` (rounds resampled with replacement, seeded):
+    how far the median ratio could move with other rounds on this machine."""
+    import random
+
+    ratios = [r[numerator] / r[denominator] for r in rounds if numerator in r and denominator in r]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
 TARGETS = (
     # (text, numerator, denominator, met if ratio <= limit, models it applies to)
     ("qcore compiled / torchao compiled", "qcore int8 compiled", "torchao int8 compiled", 1.0, None),
@@ -316,7 +327,11 @@ def report(name: str, variants: list[Variant], failures: list, rounds: list[dict
         ratio = paired_ratio(rounds, numerator, denominator)
         if ratio is None:
             continue
-        print(f"  target {text}: {ratio:.3f} (median of per-round ratios) -> {'met' if ratio <= limit else 'NOT met'}")
+        low, high = median_interval(rounds, numerator, denominator)
+        print(
+            f"  target {text}: {ratio:.3f} (median of per-round ratios; 95% interval {low:.3f}-{high:.3f})"
+            f" -> {'met' if ratio <= limit else 'NOT met'}"
+        )
     ours = next((v.sqnr_db for v in variants if v.label == "qcore int8 lowered eager"), None)
     peer = next((v.sqnr_db for v in variants if v.label == "torchao int8 lowered eager"), None)
     if ours is not None and peer is not None:
