@@ -28,8 +28,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from qcore.observers.base import DEFAULT_EPS, PER_TENSOR_QSCHEMES, ObserverBase, per_tensor_qparams_float32
-from qcore.observers.histogram_search import search_bin_range, to_float32
+from qcore.observers.base import (
+    DEFAULT_EPS,
+    PER_TENSOR_QSCHEMES,
+    ObserverBase,
+    per_tensor_qparams_float32,
+    to_float32,
+)
+from qcore.observers.histogram_search import search_bin_range
 
 __all__ = ["HistogramObserver"]
 
