@@ -280,9 +280,14 @@ def time_interleaved(variants: list[Variant], repeat: int, inner: int, warmup: i
     return rounds
 
 
+def per_round_ratios(rounds: list[dict], numerator: str, denominator: str) -> list[float]:
+    """numerator_ms / denominator_ms of every round that timed both."""
+    return [r[numerator] / r[denominator] for r in rounds if numerator in r and denominator in r]
+
+
 def paired_ratio(rounds: list[dict], numerator: str, denominator: str) -> Optional[float]:
     """Median over rounds of numerator_ms / denominator_ms (both timed in the same round)."""
-    ratios = [r[numerator] / r[denominator] for r in rounds if numerator in r and denominator in r]
+    ratios = per_round_ratios(rounds, numerator, denominator)
     return statistics.median(ratios) if ratios else None
 
 
@@ -291,7 +296,7 @@ def median_interval(rounds: list[dict], numerator: str, denominator: str, resamp
     how far the median ratio could move with other rounds on this machine."""
     import random
 
-    ratios = [r[numerator] / r[denominator] for r in rounds if numerator in r and denominator in r]
+    ratios = per_round_ratios(rounds, numerator, denominator)
     rng = random.Random(0)
     medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
     return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]

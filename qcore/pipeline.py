@@ -242,8 +242,6 @@ class CompiledModel(torch.nn.Module):
             if current != value:
                 previous.append((key, current))
                 setattr(inductor_config, key, value)
-        if not previous:
-            return self.compiled(*args, **kwargs)
         try:
             return self.compiled(*args, **kwargs)
         finally:
