@@ -211,14 +211,20 @@ def lower(model: GraphModule, backend: str, example_inputs: Optional[tuple] = No
     return model
 
 
+#: Inductor settings Dynamo itself reads while it traces (``freezing`` decides whether parameters
+#: become constants): ``torch.compile(options=...)`` reaches Inductor only, so ``CompiledModel``
+#: sets these around each call instead.
+READ_BY_DYNAMO_WHILE_TRACING = frozenset({"freezing"})
+
+
 class CompiledModel(torch.nn.Module):
     """What ``qcore.compile`` returns: the lowered model and its ``torch.compile`` wrapper.
 
-    Each call runs without autograd and with the backend's Inductor settings set for the
-    duration of the call only (Dynamo and Inductor read them when they (re)compile); the
-    previous global values are put back after every call. A call does only what differs from
-    the caller's state: no ``no_grad`` context when autograd is already off, no switch of a
-    setting that already has the backend's value (each switch costs microseconds).
+    Each call runs without autograd and with ``settings`` (the Inductor settings Dynamo reads
+    while it traces, such as ``freezing``) set for the duration of the call only, since any call
+    may (re)compile; the previous global values are put back after every call. A call does only
+    what differs from the caller's state: no ``no_grad`` context when autograd is already off, no
+    switch of a setting that already has the backend's value (each switch costs microseconds).
     """
 
     def __init__(self, lowered: GraphModule, compiled: Any, settings: dict) -> None:
@@ -259,11 +265,14 @@ def compile(
     """Lower a converted q/dq model with ``backend``'s passes (``qcore.lower``), then compile the
     lowered model with ``torch.compile``; returns a ``CompiledModel`` for inference.
 
-    The backend's ``compile_options`` (Inductor settings, e.g. oneDNN's ``freezing``), updated
-    by ``options``, apply to this model's calls only: global Inductor settings and a user's
-    custom Inductor passes are left as they are, and qcore registers nothing in Inductor, so
-    calling ``compile`` again is safe. ``compile_kwargs`` go to ``torch.compile`` (``mode``,
-    ``dynamic``, ...). With ``example_inputs`` the model is compiled now, on copies of them.
+    The backend's ``compile_options`` (Inductor settings, e.g. oneDNN's ``freezing`` and
+    ``max_autotune``), updated by ``options``, apply to this model only: the ones Dynamo reads
+    while tracing (``freezing``) are set around each call, the others go to Inductor through
+    ``torch.compile(options=...)``. Global Inductor settings and a user's custom Inductor passes
+    are left as they are, and qcore registers nothing in Inductor, so calling ``compile`` again is
+    safe. ``compile_kwargs`` go to ``torch.compile`` (``mode``, ``dynamic``, ...); a ``mode``'s
+    settings are merged under the backend's. With ``example_inputs`` the model is compiled now,
+    on copies of them.
 
     >>> import qcore
     >>> qcore.compile(None, backend="no-such-backend")
@@ -282,7 +291,14 @@ def compile(
             f"compile_options or options=); allowed: names in torch._inductor.config, e.g. 'freezing'"
         )
     lowered = lower(model, backend, example_inputs)
-    compiled = CompiledModel(lowered, torch.compile(lowered, **compile_kwargs), settings)
+    per_call = {key: value for key, value in settings.items() if key in READ_BY_DYNAMO_WHILE_TRACING}
+    at_compile = {key: value for key, value in settings.items() if key not in per_call}
+    mode = compile_kwargs.pop("mode", None)
+    if mode is not None:  # torch.compile takes a mode or options, not both: a mode is options
+        at_compile = {**torch._inductor.list_mode_options(mode), **at_compile}
+    if at_compile:
+        compile_kwargs["options"] = at_compile
+    compiled = CompiledModel(lowered, torch.compile(lowered, **compile_kwargs), per_call)
     if example_inputs is not None:
         compiled(*[t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs])
     return compiled

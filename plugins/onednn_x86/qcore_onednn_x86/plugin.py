@@ -16,8 +16,15 @@ def qcore_register_backends() -> list:
             quantizer_class=X86InductorQuantizer,
             description="x86 int8 (uint8 activations, int8 per-channel weights) lowered to oneDNN kernels",
             is_available=onednn_unavailable_reason,
-            # oneDNN's packed weights must be graph constants for Inductor's lowerings
-            compile_options={"freezing": True},
+            compile_options={
+                # oneDNN's packed weights must be graph constants for Inductor's lowerings
+                "freezing": True,
+                # each int8 GEMM runs the faster of oneDNN's kernel and Inductor's VNNI/AMX one,
+                # timed at compile time; the timing tables are not printed
+                "max_autotune": True,
+                "autotune_num_choices_displayed": 0,
+                "max_autotune_report_choices_stats": False,
+            },
         )
     ]
 

@@ -65,15 +65,39 @@ def inductor_settings() -> dict:
     }
 
 
-def test_onednn_backend_declares_freezing_as_its_compile_option():
+def test_onednn_backend_declares_freezing_and_gemm_autotuning_as_its_compile_options():
     record = qcore.get_plugin_manager().get_backend("onednn")
-    assert record.compile_options == {"freezing": True}
+    assert record.compile_options == {
+        "freezing": True,
+        "max_autotune": True,
+        "autotune_num_choices_displayed": 0,
+        "max_autotune_report_choices_stats": False,
+    }
 
 
 def test_unknown_inductor_setting_is_refused_before_compiling():
     converted = quantize(mlp(), MLP_EXAMPLE, batches=0)
     with pytest.raises(ValueError, match=r"unknown Inductor settings \['no_such_setting'\].*freezing"):
         qcore.compile(converted, backend="onednn", example_inputs=MLP_EXAMPLE, options={"no_such_setting": 1})
+
+
+@pytest.mark.parametrize("mode", [None, "max-autotune-no-cudagraphs"])
+def test_settings_dynamo_reads_are_set_per_call_and_the_rest_go_to_inductor_as_options(monkeypatch, mode):
+    seen = {}
+
+    def recording_compile(model, **kwargs):
+        seen.update(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    converted = quantize(mlp(), MLP_EXAMPLE, batches=0)
+    extra = {} if mode is None else {"mode": mode}
+    compiled = qcore.compile(converted, backend="onednn", options={"max_autotune": False}, dynamic=False, **extra)
+    assert compiled.settings == {"freezing": True}  # Dynamo reads it while tracing: set per call
+    expected = {"max_autotune": False, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+    if mode is not None:  # torch.compile refuses a mode beside options: the mode's settings are merged in, ours win
+        expected = {**torch._inductor.list_mode_options(mode), **expected}
+    assert seen == {"dynamic": False, "options": expected}
 
 
 def test_compile_matches_the_lowered_model_and_leaves_global_inductor_settings_alone():
