@@ -3,7 +3,7 @@
 Order (declared with ``after``; unary before binary so that a binary conv's accumulator is
 already the uint8 output of the conv that produced it)::
 
-    promote_dequantize ─▶ unwrap_bf16_autocast_inputs
+    lift_quantize_over_views ─▶ promote_dequantize ─▶ unwrap_bf16_autocast_inputs
       ├─▶ prepack_conv_weights ───────────────────────────────┐
       └─▶ concat_shared_input_linears ─▶ prepack_linear_weights┴▶ fold_bf16_output_casts ─▶ fuse_unary_post_ops ─▶ fuse_binary_post_ops
             ─▶ lower_quantized_max_pool2d ─▶ lower_quantized_cat ─▶ lower_quantized_reshape
@@ -24,6 +24,7 @@ def onednn_lowering_passes() -> list:
     from qcore_onednn_x86.lowering.fold_bf16_output_casts import fold_bf16_output_casts
     from qcore_onednn_x86.lowering.fuse_binary_post_ops import fuse_binary_post_ops
     from qcore_onednn_x86.lowering.fuse_unary_post_ops import fuse_unary_post_ops
+    from qcore_onednn_x86.lowering.lift_quantize_over_views import lift_quantize_over_views
     from qcore_onednn_x86.lowering.lower_quantized_cat import lower_quantized_cat
     from qcore_onednn_x86.lowering.lower_quantized_max_pool2d import lower_quantized_max_pool2d
     from qcore_onednn_x86.lowering.lower_quantized_reshape import lower_quantized_reshape
@@ -39,7 +40,8 @@ def onednn_lowering_passes() -> list:
         return qcore.LoweringPass(name=fn.__name__, fn=fn, backend=BACKEND, after=after)
 
     return [
-        record(promote_dequantize),
+        record(lift_quantize_over_views),
+        record(promote_dequantize, ("lift_quantize_over_views",)),
         record(unwrap_bf16_autocast_inputs, ("promote_dequantize",)),
         record(prepack_conv_weights, ("unwrap_bf16_autocast_inputs",)),
         record(concat_shared_input_linears, ("unwrap_bf16_autocast_inputs",)),
