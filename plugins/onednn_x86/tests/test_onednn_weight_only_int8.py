@@ -52,6 +52,39 @@ def test_decomposed_mm_forms_lower_to_weight_int8pack_mm(shape):
     check(gm, example)
 
 
+class WeightOnlyInt8MatmulOfTransposed(WeightOnlyInt8Linear):
+    """``matmul`` of a non-contiguous 3-D x: traced as ``expand -> bmm`` with the weight broadcast."""
+
+    def forward(self, x):
+        return torch.matmul(x.transpose(0, 1), self.weight.to(x.dtype).t()) * self.scales
+
+
+@pytest.mark.parametrize("trace", ["make_fx", "export"])
+def test_expand_bmm_form_lowers_to_weight_int8pack_mm(trace):
+    example = (torch.randn(3, 2, 16, dtype=torch.bfloat16),)
+    model = WeightOnlyInt8MatmulOfTransposed()
+    if trace == "make_fx":
+        gm = make_fx(model)(*example)
+    else:  # torch 2.13 decomposes matmul with a view after each expand and after the bmm
+        gm = torch.export.export(model, example).run_decompositions().module()
+    assert count(gm, aten.bmm.default) == 1 and count(gm, aten.expand.default) == 2
+    check(gm, example)
+    assert count(lower(gm, example), aten.bmm.default, aten.expand.default) == 0
+
+
+def test_bmm_with_a_broadcast_activation_is_not_a_linear():
+    class BroadcastX(WeightOnlyInt8Linear):
+        def forward(self, x):  # x [1, s, k] broadcast against a batched weight [2, k, n]
+            return torch.matmul(x, self.weight.to(x.dtype).t().expand(2, 16, 8)) * self.scales
+
+    example = (torch.randn(1, 3, 16, dtype=torch.bfloat16),)
+    gm = make_fx(BroadcastX())(*example)
+    lowered = lower(gm, example)
+    assert "woq_matcher_count" not in counters(lowered)
+    with torch.no_grad():
+        assert torch.equal(gm(*example), lowered(*example))
+
+
 def test_float32_activations_or_scales_stay_as_they_are():
     example = (torch.randn(4, 16),)
     gm = torch.export.export(WeightOnlyInt8Linear(scales_dtype=torch.float32), example).module()

@@ -1,19 +1,22 @@
 """Replace a weight-only int8 matmul, ``linear(x, w_int8.to(x.dtype)) * scales`` with bf16 ``x``
 and ``scales``, by ``aten._weight_int8pack_mm`` (int8 weights, bf16 activations and scales).
 
-Before (any of the three forms of the linear, no bias)::
+Before (any of the four forms of the linear, no bias)::
 
     x ──▶ linear(·, to(w_int8, bf16)) ──▶ mul(·, scales)
     x ──▶ mm(·, t(to(w_int8, bf16))) ──▶ mul(·, scales)                                   (2-D)
     x ──▶ view(·, [-1, K]) ──▶ mm(·, t(to(w_int8, bf16))) ──▶ view(·, x.shape[:-1] + [N]) ──▶ mul
+    x ──▶ expand [─▶ view] ──▶ bmm(·, expand(t(to(w_int8, bf16))) [─▶ view]) [─▶ view] ──▶ mul  (3-D x,
+                                                  a matmul of a non-contiguous x, e.g. transposed)
 
 After::
 
     x ──▶ reshape(·, [-1, K]) ──▶ _weight_int8pack_mm(·, w_int8, scales) ──▶ reshape(·, x.shape[:-1] + [N])
 
 Valid when ``x`` and ``scales`` are bfloat16, ``w`` is a 2-D int8 tensor [N, K], ``scales`` has
-N elements, and all are on the CPU (the pattern of seed_spec §5.12; the ``expand + bmm`` form is
-not matched). Dtype-agnostic in the sense of the seed: it does not need q/dq nodes around it.
+N elements, and all are on the CPU (the patterns of seed_spec §5.12; in the ``bmm`` form only the
+weight may be broadcast over the batch, and the ``view`` after each ``expand`` that torch 2.13's
+``matmul`` adds is optional). Dtype-agnostic in the sense of the seed: it does not need q/dq nodes around it.
 Counter: ``woq_matcher_count`` / ``_nodes``.
 """
 
@@ -59,6 +62,35 @@ def _transposed(node: Any) -> Optional[Node]:
     return None
 
 
+def _expanded(node: Any) -> Optional[tuple]:
+    """(source, [view?, expand]) when ``node`` is ``expand(source, size)``, optionally viewed
+    again to the same size; None otherwise."""
+    nodes = []
+    if is_call(node, RESHAPE_OPS):
+        nodes.append(node)
+        node = node.args[0]
+    if not is_call(node, (aten.expand.default,)):
+        return None
+    if nodes and static_shape(nodes[0]) != static_shape(node):
+        return None
+    return node.args[0], nodes + [node]
+
+
+def _match_bmm(bmm: Node) -> Optional[tuple]:
+    """(x, weight cast, nodes to remove) for ``bmm(expand(x), expand(t(cast(w))))`` where only
+    the weight is broadcast over the batch; None otherwise."""
+    x_side, w_side = _expanded(bmm.args[0]), _expanded(bmm.args[1])
+    if x_side is None or w_side is None:
+        return None
+    (x, x_nodes), (transposed, w_nodes) = x_side, w_side
+    if static_shape(x) is None or static_shape(x) != static_shape(x_nodes[-1]):
+        return None  # x itself broadcast: not a linear
+    weight_cast = _transposed(transposed)
+    if weight_cast is None:
+        return None
+    return x, weight_cast, [bmm, *x_nodes, *w_nodes, transposed, weight_cast]
+
+
 def _match(mul: Node) -> Optional[tuple]:
     """(x, w_int8, scales, removed nodes) for a weight-only int8 matmul ending in ``mul``."""
     if not is_call(mul, (aten.mul.Tensor,)) or len(mul.args) != 2:
@@ -74,6 +106,13 @@ def _match(mul: Node) -> Optional[tuple]:
         restore = None
         if is_call(matmul, RESHAPE_OPS):
             restore, matmul = matmul, matmul.args[0]
+        if is_call(matmul, (aten.bmm.default,)):
+            bmm_match = _match_bmm(matmul)
+            if bmm_match is None:
+                return None
+            x, weight_cast, bmm_nodes = bmm_match
+            removed += ([restore] if restore is not None else []) + bmm_nodes
+            return _validated(x, weight_cast, scales, mul, removed)
         if not is_call(matmul, (aten.mm.default,)):
             return None
         x, transposed = matmul.args
@@ -86,6 +125,12 @@ def _match(mul: Node) -> Optional[tuple]:
                 return None
             removed.append(x)
             x = x.args[0]
+    return _validated(x, weight_cast, scales, mul, removed)
+
+
+def _validated(x: Any, weight_cast: Any, scales: Any, mul: Node, removed: list) -> Optional[tuple]:
+    """The match ``(x, w_int8, scales, removed)`` if the dtypes, devices and shapes are those of
+    a weight-only int8 linear and nothing else reads the removed nodes; None otherwise."""
     if any(len(node.users) != 1 for node in removed[1:]):
         return None
     weight = _cast_to_bf16_source(weight_cast)
