@@ -24,6 +24,8 @@ def qcore_register_backends() -> list:
                 "max_autotune": True,
                 "autotune_num_choices_displayed": 0,
                 "max_autotune_report_choices_stats": False,
+                # the compiled model's host code in C++: no Python dispatch per oneDNN call
+                "cpp_wrapper": True,
             },
         )
     ]

@@ -65,13 +65,14 @@ def inductor_settings() -> dict:
     }
 
 
-def test_onednn_backend_declares_freezing_and_gemm_autotuning_as_its_compile_options():
+def test_onednn_backend_declares_freezing_gemm_autotuning_and_the_cpp_wrapper_as_its_compile_options():
     record = qcore.get_plugin_manager().get_backend("onednn")
     assert record.compile_options == {
         "freezing": True,
         "max_autotune": True,
         "autotune_num_choices_displayed": 0,
         "max_autotune_report_choices_stats": False,
+        "cpp_wrapper": True,
     }
 
 
@@ -94,7 +95,10 @@ def test_settings_dynamo_reads_are_set_per_call_and_the_rest_go_to_inductor_as_o
     extra = {} if mode is None else {"mode": mode}
     compiled = qcore.compile(converted, backend="onednn", options={"max_autotune": False}, dynamic=False, **extra)
     assert compiled.settings == {"freezing": True}  # Dynamo reads it while tracing: set per call
-    expected = {"max_autotune": False, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+    expected = {
+        "max_autotune": False, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False,
+        "cpp_wrapper": True,
+    }
     if mode is not None:  # torch.compile refuses a mode beside options: the mode's settings are merged in, ours win
         expected = {**torch._inductor.list_mode_options(mode), **expected}
     assert seen == {"dynamic": False, "options": expected}
