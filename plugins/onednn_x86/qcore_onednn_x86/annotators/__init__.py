@@ -37,6 +37,8 @@ def x86_annotators() -> list:
         record("x86_conv2d_add", conv.annotate_conv2d_add, ("conv2d", "add")),
         record("x86_conv2d_unary", conv.annotate_conv2d_unary, ("conv2d", "unary")),
         record("x86_conv2d", conv.annotate_conv2d, ("conv2d",)),
+        record("x86_conv1d_unary", conv.annotate_conv1d_unary, ("conv1d", "unary")),
+        record("x86_conv1d_conv3d", conv.annotate_conv1d_conv3d, ("conv1d|conv3d",)),
         record("x86_linear_add_relu", linear.annotate_linear_add_relu, ("linear", "add", "relu"), WITH_DYNAMIC),
         record("x86_linear_add", linear.annotate_linear_add, ("linear", "add"), WITH_DYNAMIC),
         record("x86_linear_unary", linear.annotate_linear_unary, ("linear", "unary"), WITH_DYNAMIC),

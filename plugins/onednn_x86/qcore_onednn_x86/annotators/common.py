@@ -34,6 +34,8 @@ QUANTIZED_PATTERN_OUTPUT = "qcore_x86_quantized_pattern_output"
 FilterFn = Callable[[Node], bool]
 
 CONV_OPS = (aten.conv2d.default,)
+# 1-D / 3-D convs: oneDNN's qconv_pointwise runs them (fusing relu for 1-D, no post-op for 3-D)
+CONV1D_CONV3D_OPS = (aten.conv1d.default, aten.conv3d.default)
 LINEAR_OPS = (aten.linear.default,)
 ADD_OPS = (aten.add.Tensor, aten.add_.Tensor)
 BATCH_NORM_OPS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
@@ -219,6 +221,7 @@ def is_linear_like(node: Any) -> bool:
 __all__ = [
     "QUANTIZED_PATTERN_OUTPUT",
     "CONV_OPS",
+    "CONV1D_CONV3D_OPS",
     "LINEAR_OPS",
     "ADD_OPS",
     "BATCH_NORM_OPS",

@@ -7,6 +7,8 @@ partition output stays float until a consumer quantizes it::
     conv2d                      x:u8, w:i8 ──▶ conv2d
     conv2d -> unary             x:u8, w:i8 ──▶ conv2d ──▶ relu | relu6 | hardtanh | hardswish | silu
     conv2d -> add [-> relu]     x:u8, w:i8 ──▶ conv2d ──▶ add ◀── extra:u8   [──▶ relu]
+    conv1d [-> unary], conv3d   x:u8, w:i8 ──▶ conv1d [──▶ unary] | conv3d  (oneDNN's 3-D int8 conv
+                                                                           fuses no post-op)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from qcore.spec import QuantizationConfig, get_input_act_qspec
 
 from qcore_onednn_x86.annotators.common import (
     ADD_OPS,
+    CONV1D_CONV3D_OPS,
     CONV_OPS,
     CONV_UNARY_OPS,
     FilterFn,
@@ -119,4 +122,30 @@ def annotate_conv2d_add_relu(model: GraphModule, config: QuantizationConfig, fil
         annotate_weighted_op(conv, config)
         annotate_input(add, extra, get_input_act_qspec(config))
         partitions.append(claim_partition([conv, add, relu], relu, config))
+    return partitions
+
+
+def annotate_conv1d_conv3d(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
+    """A lone conv1d or conv3d."""
+    partitions = []
+    for conv in model.graph.nodes:
+        if not is_call(conv, CONV1D_CONV3D_OPS) or not weight_is_constant(conv) or should_skip([conv], filter_fn):
+            continue
+        annotate_weighted_op(conv, config)
+        partitions.append(claim_partition([conv], conv, config))
+    return partitions
+
+
+def annotate_conv1d_unary(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
+    """conv1d followed by its only user, a unary post-op (oneDNN runs a 1-D conv as a 2-D one, with
+    the same post-ops)."""
+    partitions = []
+    for conv in model.graph.nodes:
+        if not is_call(conv, (CONV1D_CONV3D_OPS[0],)) or not weight_is_constant(conv):
+            continue
+        unary = single_user(conv)
+        if not is_call(unary, CONV_UNARY_OPS) or should_skip([conv, unary], filter_fn):
+            continue
+        annotate_weighted_op(conv, config)
+        partitions.append(claim_partition([conv, unary], unary, config))
     return partitions

@@ -8,7 +8,7 @@ already the uint8 output of the conv that produced it)::
       └─▶ concat_shared_input_linears ─▶ prepack_linear_weights┴▶ fold_bf16_output_casts ─▶ fuse_unary_post_ops ─▶ fuse_binary_post_ops
             ─▶ lower_quantized_max_pool2d ─▶ lower_quantized_cat ─▶ lower_quantized_reshape
             ─▶ reshape_channels_last_views ─▶ lower_weight_only_int8_matmul
-            ─▶ make_conv_inputs_channels_last
+            ─▶ make_conv_inputs_channels_last ─▶ run_conv1d_as_conv2d
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def onednn_lowering_passes() -> list:
     from qcore_onednn_x86.lowering.prepack_linear_weights import prepack_linear_weights
     from qcore_onednn_x86.lowering.promote_dequantize import promote_dequantize
     from qcore_onednn_x86.lowering.reshape_channels_last_views import reshape_channels_last_views
+    from qcore_onednn_x86.lowering.run_conv1d_as_conv2d import run_conv1d_as_conv2d
     from qcore_onednn_x86.lowering.unwrap_bf16_autocast_inputs import unwrap_bf16_autocast_inputs
 
     def record(fn, after=()):
@@ -55,4 +56,5 @@ def onednn_lowering_passes() -> list:
         record(reshape_channels_last_views, ("lower_quantized_reshape",)),
         record(lower_weight_only_int8_matmul, ("reshape_channels_last_views",)),
         record(make_conv_inputs_channels_last, ("lower_weight_only_int8_matmul",)),
+        record(run_conv1d_as_conv2d, ("make_conv_inputs_channels_last",)),
     ]

@@ -58,7 +58,7 @@ from qcore_onednn_x86.lowering.graph_utils import (
     uint8_quantize,
 )
 from qcore_onednn_x86.lowering.custom_ops import qconv2d_add  # noqa: F401  (registers the op)
-from qcore_onednn_x86.lowering.post_ops import is_unfused
+from qcore_onednn_x86.lowering.post_ops import conv_rank, is_unfused
 
 qcore_onednn = torch.ops.qcore_onednn
 
@@ -134,6 +134,8 @@ def _can_sum_in_place(other: Node, add: Node, qop: Node) -> bool:
 
 
 def _fuse_conv(qop: Node, other: Node, add: Node, relu: Optional[Node], quant: Any) -> Optional[Node]:
+    if conv_rank(qop) != 2:  # oneDNN's sum post-op (and qconv2d_add's channels-last copy): 2-D only
+        return None
     accum = act_dequantize(other)
     if accum is None or not accum.is_literal or accum.input is qop.args[0]:
         return None

@@ -11,8 +11,9 @@ After::
 * with a trailing uint8 quantize: the op writes uint8 with the quantize's scale/zero point;
 * without one: the op applies the post-op and writes float32;
 * ``relu6`` is ``hardtanh`` with [0, 6]; ``silu`` is oneDNN's ``swish``;
-  ``gelu`` (erf or tanh), ``tanh`` and ``leaky_relu`` only for linear.
-Counters: ``qconv2d_unary_matcher_count`` / ``qlinear_unary_matcher_count`` (and ``_nodes``).
+  ``gelu`` (erf or tanh), ``tanh`` and ``leaky_relu`` only for linear;
+* a 3-D conv takes no post-op (only the output quantize): oneDNN refuses them.
+Counters: ``qconv{1,2,3}d_unary_matcher_count`` / ``qlinear_unary_matcher_count`` (and ``_nodes``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from qcore_onednn_x86.lowering.graph_utils import (
     single_user,
     uint8_quantize,
 )
-from qcore_onednn_x86.lowering.post_ops import is_unfused, output_index, unary_post_op
+from qcore_onednn_x86.lowering.post_ops import conv_rank, conv_takes, is_unfused, output_index, unary_post_op
 
 NAME = "fuse_unary_post_ops"
 
@@ -47,10 +48,14 @@ def fuse_unary_post_ops(model: GraphModule, context: LoweringContext) -> bool:
         if qop.graph is None or not is_unfused(qop):
             continue
         is_conv = qop.target in QCONV_OPS
-        family = "qconv2d_unary" if is_conv else "qlinear_unary"
+        family = f"qconv{conv_rank(qop)}d_unary" if is_conv else "qlinear_unary"
         user = single_user(qop)
-        unary = user if unary_post_op(user, for_linear=not is_conv) is not None else None
-        post_op = unary_post_op(unary, for_linear=not is_conv) if unary is not None else ("none", [], "")
+        post_op = unary_post_op(user, for_linear=not is_conv)
+        if post_op is not None and is_conv and not conv_takes(qop, post_op[0]):
+            post_op = None  # a 3-D conv would refuse it: the op stays a float op after the conv
+        unary = user if post_op is not None else None
+        if post_op is None:
+            post_op = ("none", [], "")
         last = unary if unary is not None else qop
         quant = uint8_quantize(single_user(last)) if single_user(last) is not None else None
         if unary is None and quant is None:

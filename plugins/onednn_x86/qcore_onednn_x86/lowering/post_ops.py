@@ -6,15 +6,31 @@ from typing import Any, Optional
 
 from torch.fx import Node
 
-from qcore_onednn_x86.lowering.graph_utils import QCONV_OPS, QLINEAR_OPS, aten
+from qcore_onednn_x86.lowering.graph_utils import QCONV_OPS, QLINEAR_OPS, aten, tensor_val
 
 # index of (output_scale, output_zero_point, output_dtype, attr, scalars, algorithm)
 QCONV_OUTPUT_INDEX = 11
 QLINEAR_OUTPUT_INDEX = 7
 
+#: the unary post-ops oneDNN's 3-D int8 conv takes (torch 2.13 refuses the others at run time); 1-D
+#: and 2-D convs take every conv post-op (a 1-D conv runs as a 2-D one, ``run_conv1d_as_conv2d``)
+CONV_POST_OPS_OF_RANK = {3: ()}
+
 
 def output_index(qop: Node) -> int:
     return QCONV_OUTPUT_INDEX if qop.target in QCONV_OPS else QLINEAR_OUTPUT_INDEX
+
+
+def conv_rank(qop: Node) -> int:
+    """The spatial rank (1, 2, 3) of a oneDNN conv node (2 when its output shape is unknown)."""
+    val = tensor_val(qop)
+    return val.dim() - 2 if val is not None else 2
+
+
+def conv_takes(qop: Node, attr: str) -> bool:
+    """True if oneDNN's conv ``qop`` (of its spatial rank) takes the unary post-op ``attr``."""
+    rank = conv_rank(qop)
+    return rank not in CONV_POST_OPS_OF_RANK or attr in CONV_POST_OPS_OF_RANK[rank]
 
 
 def is_unfused(qop: Any) -> bool:

@@ -1,5 +1,5 @@
-"""Replace ``dq(x) -> conv2d <- dq_per_channel(int8 w)`` by a oneDNN quantized conv with a
-prepacked weight.
+"""Replace ``dq(x) -> conv2d <- dq_per_channel(int8 w)`` (also conv1d / conv3d) by a oneDNN
+quantized conv with a prepacked weight.
 
 Before::
 
@@ -12,10 +12,11 @@ After::
     packed = onednn.qconv_prepack(w, w_scale, x_scale, x_zp, ...)   (a get_attr buffer)
 
 Matches ``aten.conv2d.default`` (what qcore's convert emits) and the decomposed
-``aten.convolution.default`` (not transposed). Refused: non-uint8 activations (oneDNN's qconv
-needs uint8), a dequantize with other users, non 4-D inputs, non-CPU tensors, weights not
-quantized per channel on axis 0.
-Counter: ``qconv2d_weight_prepack_matcher_count`` / ``_nodes``.
+``aten.convolution.default`` (not transposed), and ``aten.conv1d`` / ``aten.conv3d`` (3-D / 5-D
+inputs; the same oneDNN op runs them). Refused: non-uint8
+activations (oneDNN's qconv needs uint8), a dequantize with other users, non-CPU tensors,
+weights not quantized per channel on axis 0.
+Counter: ``qconv{1,2,3}d_weight_prepack_matcher_count`` / ``_nodes``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from qcore_onednn_x86.lowering.graph_utils import (
     weight_dequantize,
     onednn,
     onednn_declines,
-    pair,
     register_constant,
     static_shape,
     tensor_val,
@@ -51,12 +51,18 @@ log = logging.getLogger(__name__)
 NAME = "prepack_conv_weights"
 CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 CONVOLUTION_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups")
-CONV_DEFAULTS = {"bias": None, "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1}
+CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+CONV_OPS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+# spatial ranks oneDNN's qconv runs. It is called as ``qconv2d_pointwise`` for every rank: torch's
+# own Inductor patterns match ``qconv_pointwise`` (its other name) and would fuse post-ops a 3-D
+# conv refuses at run time; the post-op passes here know which ones each rank takes.
+CONV_RANKS = (1, 2, 3)
 
 
-def conv_arguments(conv: Node) -> Optional[dict]:
-    """conv2d / convolution arguments by name (defaults filled in); None if not a plain 2-D conv."""
-    if conv.target is aten.conv2d.default:
+def conv_arguments(conv: Node, rank: int) -> Optional[dict]:
+    """conv1d/2d/3d / convolution arguments by name, stride/padding/dilation as ``rank``-lists
+    (defaults filled in); None if not a plain (not transposed) conv with explicit padding."""
+    if conv.target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default):
         names = CONV_ARG_NAMES
     elif conv.target is aten.convolution.default:
         names = CONVOLUTION_ARG_NAMES
@@ -72,7 +78,11 @@ def conv_arguments(conv: Node) -> Optional[dict]:
     if isinstance(args["padding"], str):
         return None
     for key, default in (("stride", 1), ("padding", 0), ("dilation", 1)):
-        args[key] = pair(args[key], default)
+        value = args[key]
+        value = [value] if isinstance(value, int) else list(value)
+        args[key] = value * rank if len(value) == 1 else value
+        if len(args[key]) != rank:
+            return None
     return args
 
 
@@ -83,19 +93,16 @@ def prepack_conv_weights(model: GraphModule, context: LoweringContext) -> bool:
     graph = model.graph
     changed = False
     for conv in list(graph.nodes):
-        if not is_call(conv, (aten.conv2d.default, aten.convolution.default)):
+        if not is_call(conv, CONV_OPS) or not isinstance(conv.args[0], Node):
             continue
-        args = conv_arguments(conv)
-        if args is None:
-            continue
-        x = act_dequantize(args["input"])
-        if x is None or not x.is_literal or len(x.node.users) != 1:
+        x = act_dequantize(conv.args[0])
+        x_val, out_val = tensor_val(conv.args[0]), tensor_val(conv)
+        rank = x_val.dim() - 2 if x_val is not None else 0
+        args = conv_arguments(conv, rank) if rank in CONV_RANKS else None
+        if args is None or x is None or not x.is_literal or len(x.node.users) != 1:
             continue
         weight = weight_dequantize(model, args["weight"])
-        if weight is None:
-            continue
-        x_val, out_val = tensor_val(x.node), tensor_val(conv)
-        if x_val is None or x_val.dim() != 4 or x_val.device.type != "cpu":
+        if weight is None or x_val.device.type != "cpu":
             continue
         out_dtype = out_val.dtype if out_val is not None else torch.float32
         if out_dtype != torch.float32:
@@ -103,7 +110,7 @@ def prepack_conv_weights(model: GraphModule, context: LoweringContext) -> bool:
         w_node, w_scale_node, w_zp_node = weight
         w_int8 = get_constant(model, w_node)
         w_scale = get_constant(model, w_scale_node)
-        if w_int8.dim() != 4:
+        if w_int8.dim() != rank + 2:
             continue
         try:
             packed = onednn.qconv_prepack(
@@ -128,8 +135,8 @@ def prepack_conv_weights(model: GraphModule, context: LoweringContext) -> bool:
         conv.replace_all_uses_with(qconv)
         graph.erase_node(conv)
         erase_chain(x.node, args["weight"])
-        context.count("qconv2d_weight_prepack_matcher_count")
-        context.count("qconv2d_weight_prepack_matcher_nodes", 3)
+        context.count(f"qconv{rank}d_weight_prepack_matcher_count")
+        context.count(f"qconv{rank}d_weight_prepack_matcher_nodes", 3)
         changed = True
     if changed:
         drop_unused_constants(model)
