@@ -38,8 +38,19 @@ from qcore_onednn_x86.annotators.common import (
 )
 
 
-def _convs(model: GraphModule) -> list[Node]:
-    return [n for n in model.graph.nodes if is_call(n, CONV_OPS) and weight_is_constant(n)]
+def _convs(model: GraphModule, ops: tuple = CONV_OPS) -> list[Node]:
+    return [n for n in model.graph.nodes if is_call(n, ops) and weight_is_constant(n)]
+
+
+def _annotate_conv_unary(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn, ops: tuple) -> list[list[Node]]:
+    partitions = []
+    for conv in _convs(model, ops):
+        unary = single_user(conv)
+        if not is_call(unary, CONV_UNARY_OPS) or should_skip([conv, unary], filter_fn):
+            continue
+        annotate_weighted_op(conv, config)
+        partitions.append(claim_partition([conv, unary], unary, config))
+    return partitions
 
 
 def extra_input_of_add(add: Node, producer: Node) -> Optional[Node]:
@@ -72,14 +83,7 @@ def annotate_conv2d(model: GraphModule, config: QuantizationConfig, filter_fn: F
 
 def annotate_conv2d_unary(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
     """conv2d followed by its only user, a unary post-op oneDNN fuses."""
-    partitions = []
-    for conv in _convs(model):
-        unary = single_user(conv)
-        if not is_call(unary, CONV_UNARY_OPS) or should_skip([conv, unary], filter_fn):
-            continue
-        annotate_weighted_op(conv, config)
-        partitions.append(claim_partition([conv, unary], unary, config))
-    return partitions
+    return _annotate_conv_unary(model, config, filter_fn, CONV_OPS)
 
 
 def _conv_add(conv: Node) -> Optional[tuple[Node, Node]]:
@@ -128,8 +132,8 @@ def annotate_conv2d_add_relu(model: GraphModule, config: QuantizationConfig, fil
 def annotate_conv1d_conv3d(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
     """A lone conv1d or conv3d."""
     partitions = []
-    for conv in model.graph.nodes:
-        if not is_call(conv, CONV1D_CONV3D_OPS) or not weight_is_constant(conv) or should_skip([conv], filter_fn):
+    for conv in _convs(model, CONV1D_CONV3D_OPS):
+        if should_skip([conv], filter_fn):
             continue
         annotate_weighted_op(conv, config)
         partitions.append(claim_partition([conv], conv, config))
@@ -139,13 +143,4 @@ def annotate_conv1d_conv3d(model: GraphModule, config: QuantizationConfig, filte
 def annotate_conv1d_unary(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
     """conv1d followed by its only user, a unary post-op (oneDNN runs a 1-D conv as a 2-D one, with
     the same post-ops)."""
-    partitions = []
-    for conv in model.graph.nodes:
-        if not is_call(conv, (CONV1D_CONV3D_OPS[0],)) or not weight_is_constant(conv):
-            continue
-        unary = single_user(conv)
-        if not is_call(unary, CONV_UNARY_OPS) or should_skip([conv, unary], filter_fn):
-            continue
-        annotate_weighted_op(conv, config)
-        partitions.append(claim_partition([conv, unary], unary, config))
-    return partitions
+    return _annotate_conv_unary(model, config, filter_fn, CONV1D_CONV3D_OPS[:1])
