@@ -46,16 +46,15 @@ def run_conv1d_as_conv2d(model: GraphModule, context: LoweringContext) -> bool:
             args[0] = x_2d
             conv_2d = graph.call_function(onednn.qconv2d_pointwise.default, tuple(args), dict(conv.kwargs))
             y = graph.call_function(aten.squeeze.dim, (conv_2d, 2))
-        for node, val in ((x_2d, tensor_val(conv.args[0])), (conv_2d, y_val)):
-            if _with_height_one(val) is not None:
-                node.meta["val"] = _with_height_one(val)
+        for node, val in ((x_2d, _with_height_one(tensor_val(conv.args[0]))), (conv_2d, _with_height_one(y_val))):
+            if val is not None:
+                node.meta["val"] = val
         y.meta.update(conv.meta)
         conv.replace_all_uses_with(y)
         graph.erase_node(conv)
         context.count("qconv1d_as_qconv2d_count")
         changed = True
     return finish(model, changed)
-
 
 
 def _with_height_one(val: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
