@@ -215,6 +215,18 @@ def copy_meta(new: Node, old: Node) -> None:
             new.meta[key] = old.meta[key]
 
 
+def static_meta_like(val: Any, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    """A meta tensor with ``val``'s static shape and strides (and ``dtype`` if given); None when
+    ``val`` is not a tensor or its sizes are symbolic."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    try:
+        shape, stride = [int(s) for s in val.shape], [int(s) for s in val.stride()]
+    except Exception:  # symbolic sizes
+        return None
+    return torch.empty_strided(shape, stride, dtype=dtype or val.dtype, device="meta")
+
+
 def set_uint8_val(new: Node, like: Node) -> None:
     """Give ``new`` a meta value shaped like ``like`` with dtype uint8 (static shapes only)."""
     shape = static_shape(like)
@@ -222,16 +234,14 @@ def set_uint8_val(new: Node, like: Node) -> None:
         new.meta["val"] = torch.empty(shape, dtype=torch.uint8, device="meta")
 
 
-def pair(value: Any, default: int) -> list[int]:
-    """An int or 1-/2-list as a 2-list."""
+def per_dim(value: Any, default: int, length: int = 2) -> list[int]:
+    """A conv/pool size argument (None, an int, or a list) as a list with one entry per spatial
+    dim: None gives ``default``, an int or a 1-list is repeated ``length`` times; a longer list is
+    returned as it is (callers check its length)."""
     if value is None:
-        return [default, default]
-    if isinstance(value, int):
-        return [value, value]
-    value = list(value)
-    if len(value) == 1:
-        return [value[0], value[0]]
-    return value
+        return [default] * length
+    value = [value] if isinstance(value, int) else list(value)
+    return value * length if len(value) == 1 else value
 
 
 def is_getitem(node: Any, index: int) -> bool:

@@ -33,7 +33,7 @@ from qcore_onednn_x86.lowering.graph_utils import (
     is_call,
     onednn_declines,
     qd,
-    static_shape,
+    static_meta_like,
 )
 
 NAME = "lift_quantize_over_views"
@@ -47,7 +47,10 @@ def lift_quantize_over_views(model: GraphModule, context: LoweringContext) -> bo
     graph = model.graph
     changed = False
     for quant in list(graph.nodes):
-        if not is_call(quant, (qd.quantize_per_tensor.default,)) or not ActivationQParams(quant).is_literal:
+        if not is_call(quant, (qd.quantize_per_tensor.default,)):
+            continue
+        qparams = ActivationQParams(quant)
+        if not qparams.is_literal:
             continue
         views = _single_user_view_chain(quant.args[0])
         if not views:
@@ -57,11 +60,10 @@ def lift_quantize_over_views(model: GraphModule, context: LoweringContext) -> bo
         with graph.inserting_after(producer):
             lifted = graph.call_function(quant.target, (producer, *quant.args[1:]), dict(quant.kwargs))
         lifted.meta.update(quant.meta)
-        dtype = ActivationQParams(quant).dtype
-        _set_quantized_val(lifted, producer, dtype)
+        _set_quantized_val(lifted, producer, qparams.dtype)
         views[0].replace_input_with(producer, lifted)
         for view in views:
-            _set_quantized_val(view, view, dtype)
+            _set_quantized_val(view, view, qparams.dtype)
         quant.replace_all_uses_with(views[-1])
         graph.erase_node(quant)
         context.count("quant_lift_up_count")
@@ -87,12 +89,8 @@ def _single_user_view_chain(node: object) -> Optional[list[Node]]:
 def _set_quantized_val(node: Node, like: Node, dtype: torch.dtype) -> None:
     """``node``'s meta value: shaped and strided like ``like``'s, of the quantized ``dtype``
     (static shapes; otherwise none rather than a float one)."""
-    shape, val = static_shape(like), like.meta.get("val")
-    try:
-        stride = [int(s) for s in val.stride()]
-    except Exception:  # no value, or symbolic strides
-        stride = None
-    if shape is None or stride is None:
+    val = static_meta_like(like.meta.get("val"), dtype)
+    if val is None:
         node.meta.pop("val", None)
     else:
-        node.meta["val"] = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+        node.meta["val"] = val

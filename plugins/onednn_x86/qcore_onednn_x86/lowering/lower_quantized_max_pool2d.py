@@ -31,7 +31,7 @@ from qcore_onednn_x86.lowering.graph_utils import (
     is_call,
     is_getitem,
     onednn_declines,
-    pair,
+    per_dim,
     set_uint8_val,
     single_user,
     uint8_quantize,
@@ -70,12 +70,12 @@ def lower_quantized_max_pool2d(model: GraphModule, context: LoweringContext) -> 
                 dilation = value
             elif key == "ceil_mode":
                 ceil_mode = value
-        kernel = pair(kernel, 1)
-        stride = pair(stride, 1) if stride not in (None, []) else kernel
+        kernel = per_dim(kernel, 1)
+        stride = per_dim(stride, 1) if stride not in (None, []) else kernel
         with graph.inserting_before(quant.node):
             lowered = graph.call_function(
                 torch.ops.quantized.max_pool2d.default,
-                (x.input, kernel, stride, pair(padding, 0), pair(dilation, 1), bool(ceil_mode)),
+                (x.input, kernel, stride, per_dim(padding, 0), per_dim(dilation, 1), bool(ceil_mode)),
             )
         copy_meta(lowered, values)
         set_uint8_val(lowered, values)

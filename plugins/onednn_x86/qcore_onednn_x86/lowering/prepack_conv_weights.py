@@ -41,6 +41,7 @@ from qcore_onednn_x86.lowering.graph_utils import (
     weight_dequantize,
     onednn,
     onednn_declines,
+    per_dim,
     register_constant,
     static_shape,
     tensor_val,
@@ -78,9 +79,7 @@ def conv_arguments(conv: Node, rank: int) -> Optional[dict]:
     if isinstance(args["padding"], str):
         return None
     for key, default in (("stride", 1), ("padding", 0), ("dilation", 1)):
-        value = args[key]
-        value = [value] if isinstance(value, int) else list(value)
-        args[key] = value * rank if len(value) == 1 else value
+        args[key] = per_dim(args[key], default, rank)
         if len(args[key]) != rank:
             return None
     return args

@@ -24,7 +24,15 @@ from torch.fx import GraphModule
 
 from qcore.records import LoweringContext
 
-from qcore_onednn_x86.lowering.graph_utils import aten, finish, is_call, onednn, onednn_declines, tensor_val
+from qcore_onednn_x86.lowering.graph_utils import (
+    aten,
+    finish,
+    is_call,
+    onednn,
+    onednn_declines,
+    static_meta_like,
+    tensor_val,
+)
 
 NAME = "run_conv1d_as_conv2d"
 
@@ -57,13 +65,8 @@ def run_conv1d_as_conv2d(model: GraphModule, context: LoweringContext) -> bool:
     return finish(model, changed)
 
 
+
 def _with_height_one(val: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A meta tensor like ``val`` ([n, c, l]) unsqueezed at dim 2; None when unknown or symbolic."""
-    if val is None:
-        return None
-    try:
-        return torch.empty_strided(
-            [int(s) for s in val.shape], [int(s) for s in val.stride()], dtype=val.dtype, device="meta"
-        ).unsqueeze(2)
-    except Exception:  # symbolic sizes
-        return None
+    meta = static_meta_like(val)
+    return meta.unsqueeze(2) if meta is not None else None
