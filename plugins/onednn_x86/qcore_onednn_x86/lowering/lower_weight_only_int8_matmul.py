@@ -106,25 +106,26 @@ def _match(mul: Node) -> Optional[tuple]:
         restore = None
         if is_call(matmul, RESHAPE_OPS):
             restore, matmul = matmul, matmul.args[0]
+            removed.append(restore)
         if is_call(matmul, (aten.bmm.default,)):
             bmm_match = _match_bmm(matmul)
             if bmm_match is None:
                 return None
             x, weight_cast, bmm_nodes = bmm_match
-            removed += ([restore] if restore is not None else []) + bmm_nodes
-            return _validated(x, weight_cast, scales, mul, removed)
-        if not is_call(matmul, (aten.mm.default,)):
-            return None
-        x, transposed = matmul.args
-        weight_cast = _transposed(transposed)
-        if weight_cast is None or len(transposed.users) != 1:
-            return None
-        removed += ([restore] if restore is not None else []) + [matmul, transposed, weight_cast]
-        if restore is not None:
-            if not is_call(x, RESHAPE_OPS) or len(x.users) != 1:
+            removed += bmm_nodes
+        elif is_call(matmul, (aten.mm.default,)):
+            x, transposed = matmul.args
+            weight_cast = _transposed(transposed)
+            if weight_cast is None or len(transposed.users) != 1:
                 return None
-            removed.append(x)
-            x = x.args[0]
+            removed += [matmul, transposed, weight_cast]
+            if restore is not None:
+                if not is_call(x, RESHAPE_OPS) or len(x.users) != 1:
+                    return None
+                removed.append(x)
+                x = x.args[0]
+        else:
+            return None
     return _validated(x, weight_cast, scales, mul, removed)
 
 
