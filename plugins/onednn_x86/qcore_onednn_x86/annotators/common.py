@@ -34,7 +34,8 @@ QUANTIZED_PATTERN_OUTPUT = "qcore_x86_quantized_pattern_output"
 FilterFn = Callable[[Node], bool]
 
 CONV_OPS = (aten.conv2d.default,)
-# 1-D / 3-D convs: oneDNN's qconv_pointwise runs them (fusing relu for 1-D, no post-op for 3-D)
+# 1-D / 3-D convs: oneDNN's int8 conv runs them (a 1-D conv as a 2-D one, with every conv post-op;
+# a 3-D conv with none)
 CONV1D_CONV3D_OPS = (aten.conv1d.default, aten.conv3d.default)
 LINEAR_OPS = (aten.linear.default,)
 ADD_OPS = (aten.add.Tensor, aten.add_.Tensor)

@@ -70,15 +70,19 @@ def extra_input_of_add(add: Node, producer: Node) -> Optional[Node]:
     return extra
 
 
-def annotate_conv2d(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
-    """A lone conv2d."""
+def _annotate_lone_conv(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn, ops: tuple) -> list[list[Node]]:
     partitions = []
-    for conv in _convs(model):
+    for conv in _convs(model, ops):
         if should_skip([conv], filter_fn):
             continue
         annotate_weighted_op(conv, config)
         partitions.append(claim_partition([conv], conv, config))
     return partitions
+
+
+def annotate_conv2d(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
+    """A lone conv2d."""
+    return _annotate_lone_conv(model, config, filter_fn, CONV_OPS)
 
 
 def annotate_conv2d_unary(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
@@ -131,13 +135,7 @@ def annotate_conv2d_add_relu(model: GraphModule, config: QuantizationConfig, fil
 
 def annotate_conv1d_conv3d(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
     """A lone conv1d or conv3d."""
-    partitions = []
-    for conv in _convs(model, CONV1D_CONV3D_OPS):
-        if should_skip([conv], filter_fn):
-            continue
-        annotate_weighted_op(conv, config)
-        partitions.append(claim_partition([conv], conv, config))
-    return partitions
+    return _annotate_lone_conv(model, config, filter_fn, CONV1D_CONV3D_OPS)
 
 
 def annotate_conv1d_unary(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
