@@ -73,6 +73,9 @@ def format_plugin_table(rows: list[dict]) -> str:
     widths = [max(len(line[i]) for line in cells) for i in range(len(PLUGIN_COLUMNS))]
     lines = ["  ".join(value.ljust(width) for value, width in zip(line, widths)).rstrip() for line in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    for row in rows:
+        for backend, facts in sorted(row.get("hardware", {}).items()):
+            lines.append(f"{backend} on this machine: {facts.get('describe') or facts}")
     problems = [row for row in rows if row["status"] != "loaded"]
     if problems:
         lines.append("")
@@ -376,7 +379,8 @@ def _quantize_from_args(args: argparse.Namespace) -> Any:
     with _quiet_torch_output(not args.debug):  # an export failure is reported in one line instead
         return qcore.quantize(
             model, example_inputs, backend=args.backend, calibration=calibration,
-            dynamic_shapes=_dynamic_batch(example_inputs, args.dynamic_batch), progress=progress, **qat_options,
+            dynamic_shapes=_dynamic_batch(example_inputs, args.dynamic_batch), progress=progress,
+            target=args.target_cpu, **qat_options,
         )
 
 
@@ -413,7 +417,9 @@ def run_quantize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     quantized = sum(1 for node in report.nodes if node.quantized)
     if report.training is not None:
         out.write(f"quantization-aware training: {report.training.describe()}\n")
-    out.write(f"quantized for {args.backend}: {quantized} of {len(report.nodes)} compute nodes run on int8 inputs\n")
+    target = result.converted.meta.get("qcore_target") if args.target_cpu else None
+    made_for = f"{args.backend} (target {target})" if target else args.backend
+    out.write(f"quantized for {made_for}: {quantized} of {len(report.nodes)} compute nodes run on int8 inputs\n")
     if report.model_sqnr_db is not None:
         out.write(f"model output SQNR vs float: {report.model_sqnr_db:.1f} dB\n")
     if report.speedup is not None:
@@ -499,6 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--calibration-has-labels", action="store_true", help="each batch ends with a label to drop (with --qat: the label is the training target)")
         sub.add_argument("--dynamic-batch", action="store_true", help="make dimension 0 of every input dynamic")
+        sub.add_argument(
+            "--target-cpu", metavar="NAME",
+            help="the hardware the program is for, when it is not this machine (the backend's names, e.g. for "
+                 "x86 int8: amx, avx512_vnni, avx_vnni, avx2; `qcore plugins` shows this machine's); recorded in the program",
+        )
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
         qat = sub.add_argument_group(
             "quantization-aware training",

@@ -55,6 +55,7 @@ class PluginInfo:
     hooks: tuple = ()
     backends: tuple = ()
     error: str = ""
+    hardware: dict = attrs.field(factory=dict)  # backend name -> Backend.hardware() of an available backend
 
     def to_dict(self) -> dict:
         return attrs.asdict(self, recurse=False) | {"hooks": list(self.hooks), "backends": list(self.backends)}
@@ -150,15 +151,33 @@ class QcorePluginManager:
         """Every plugin seen: loaded, failed or blocked, with its backends."""
         self.pm
         backends_by_plugin: dict[str, list[str]] = {}
+        hardware_by_plugin: dict[str, dict] = {}
         try:
             for backend in self.backends(include_unavailable=True).values():
                 backends_by_plugin.setdefault(backend.plugin, []).append(backend.name)
+                facts = self._hardware_of(backend)
+                if facts:
+                    hardware_by_plugin.setdefault(backend.plugin, {})[backend.name] = facts
         except PluginError:
             pass
         return [
-            attrs.evolve(info, backends=tuple(sorted(backends_by_plugin.get(info.name, ()))))
+            attrs.evolve(
+                info,
+                backends=tuple(sorted(backends_by_plugin.get(info.name, ()))),
+                hardware=hardware_by_plugin.get(info.name, {}),
+            )
             for info in self._infos.values()
         ]
+
+    @staticmethod
+    def _hardware_of(backend: Backend) -> dict:
+        """``backend.hardware()`` if the backend can run here; a failing probe is shown, not raised."""
+        if backend.is_available() is not None:
+            return {}
+        try:
+            return dict(backend.hardware())
+        except Exception as exc:  # a probe must not take the listing down
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
     def _distribution_of(self, plugin_name: str) -> str:
         info = self._infos.get(plugin_name)

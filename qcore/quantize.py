@@ -100,7 +100,8 @@ class QuantizeResult:
 
     def save(self, path: "str | os.PathLike") -> None:
         """Write the converted program to ``path`` with ``torch.export.save``, atomically."""
-        save(self.converted, path, self.example_inputs, dynamic_shapes=self.dynamic_shapes, backend=self.backend)
+        save(self.converted, path, self.example_inputs, dynamic_shapes=self.dynamic_shapes, backend=self.backend,
+             target=self.converted.meta.get("qcore_target"))
 
 
 # --------------------------------------------------------------------------- quantize
@@ -119,6 +120,7 @@ def quantize(
     qat_epochs: Optional[int] = None,
     qat_lr: Optional[float] = None,
     loss_fn: Optional[Callable[..., torch.Tensor]] = None,
+    target: Optional[str] = None,
 ) -> QuantizeResult:
     """Quantize ``model`` for ``backend``: export, annotate, calibrate (or train), convert, lower, report.
 
@@ -146,6 +148,12 @@ def quantize(
 
     ``result.report.training`` then records what ran (epochs, loss per epoch, final loss).
     Bad combinations raise ``qcore.qat_training.QATError`` naming the problem.
+
+    ``target``: the hardware the program is for, when it is not this machine: passed to the
+    backend quantizer's ``default_config(target=...)`` (the names are the backend's; ``qcore
+    plugins`` shows this machine's). The program records it (``converted.meta["qcore_target"]``,
+    kept by ``save``/``load``; this machine's target when None), so lowering on other hardware
+    can say what it assumed. ``target`` chooses the default config: not with ``config``.
     The user's model is not changed.
     """
     import qcore
@@ -158,7 +166,7 @@ def quantize(
     progress = progress or _no_progress
     manager = get_plugin_manager()
     backend_record = manager.get_backend(backend)  # unknown or unavailable: a clear error now
-    quantizer = _make_quantizer(backend_record, config, qat)
+    quantizer = _make_quantizer(backend_record, config, qat, target)
     example_inputs = _as_inputs(example_inputs)
 
     exported = None
@@ -200,6 +208,9 @@ def quantize(
         if count == 0:
             raise QuantizeError("calibration is empty: give at least one batch (or calibration=None to use example_inputs)")
     converted = qcore.convert_pt2e(prepared)
+    recorded_target = target if target is not None else (backend_record.hardware() or {}).get("target")
+    if recorded_target is not None and config is None:
+        converted.meta["qcore_target"] = recorded_target
 
     lowered = None
     if lower and manager.lowering_passes(backend):
@@ -215,8 +226,13 @@ def quantize(
     )
 
 
-def _make_quantizer(backend_record: Any, config: Any, qat: bool) -> Any:
+def _make_quantizer(backend_record: Any, config: Any, qat: bool, target: Optional[str] = None) -> Any:
     quantizer_class = backend_record.quantizer_class
+    if config is not None and target is not None:
+        raise QuantizeError(
+            f"target={target!r} chooses the backend's default config; with config= give a config made for that "
+            f"target (e.g. {quantizer_class.__name__}.default_config(target={target!r}))"
+        )
     if config is None:
         default_config = getattr(quantizer_class, "default_config", None)
         if not callable(default_config):
@@ -224,7 +240,18 @@ def _make_quantizer(backend_record: Any, config: Any, qat: bool) -> Any:
                 f"backend {backend_record.name!r}: its quantizer {quantizer_class.__name__} has no default_config(); "
                 f"pass config=<a qcore.QuantizationConfig>"
             )
-        config = default_config(is_qat=qat)
+        if target is None:
+            config = default_config(is_qat=qat)
+        elif "target" not in inspect.signature(default_config).parameters:
+            raise QuantizeError(
+                f"backend {backend_record.name!r} has no targets: {quantizer_class.__name__}.default_config() "
+                f"takes no target; leave target=None"
+            )
+        else:
+            try:
+                config = default_config(is_qat=qat, target=target)
+            except ValueError as exc:
+                raise QuantizeError(f"backend {backend_record.name!r}: {exc}") from exc
     return quantizer_class().set_global(config)
 
 
@@ -386,9 +413,11 @@ def save(
     example_inputs: Any,
     dynamic_shapes: Any = None,
     backend: Optional[str] = None,
+    target: Optional[str] = None,
 ) -> None:
     """Write ``converted`` to ``path`` as a ``torch.export`` program: to a temporary file in the
-    same directory, then ``os.replace``; on any error nothing is left at ``path``."""
+    same directory, then ``os.replace``; on any error nothing is left at ``path``. ``backend``
+    and ``target`` (the hardware it was quantized for) are stored beside the program."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -403,7 +432,7 @@ def save(
         raise QuantizeError(f"cannot write {path}: {exc.strerror or exc}") from exc
     os.close(handle)
     try:
-        extra = {BACKEND_EXTRA_FILE: json.dumps({"backend": backend, "format": 1})}
+        extra = {BACKEND_EXTRA_FILE: json.dumps({"backend": backend, "target": target, "format": 1})}
         torch.export.save(program, temporary, extra_files=extra)
         os.replace(temporary, path)
     except BaseException as exc:
@@ -436,7 +465,8 @@ def _without_unused_state(model: GraphModule) -> GraphModule:
 
 def load(path: "str | os.PathLike") -> GraphModule:
     """Read a program written by ``QuantizeResult.save``; returns the converted GraphModule
-    (its backend name, if saved, in ``meta["qcore_backend"]``), ready for ``qcore.lower``."""
+    (its backend name and target, if saved, in ``meta["qcore_backend"]`` and
+    ``meta["qcore_target"]``), ready for ``qcore.lower``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise QuantizeError(f"cannot load {path}: no such file")
@@ -449,7 +479,10 @@ def load(path: "str | os.PathLike") -> GraphModule:
         raise QuantizeError(f"cannot load {path}: not a torch.export program ({type(exc).__name__}: {exc})") from exc
     module = program.module()
     try:
-        module.meta["qcore_backend"] = json.loads(extra[BACKEND_EXTRA_FILE] or "{}").get("backend")
+        stored = json.loads(extra[BACKEND_EXTRA_FILE] or "{}")
     except ValueError:
-        module.meta["qcore_backend"] = None
+        stored = {}
+    module.meta["qcore_backend"] = stored.get("backend")
+    if stored.get("target") is not None:
+        module.meta["qcore_target"] = stored["target"]
     return module

@@ -32,6 +32,10 @@ def _always_available() -> Optional[str]:
     return None
 
 
+def _no_hardware_facts() -> dict:
+    return {}
+
+
 @attrs.frozen
 class Backend:
     """A backend a plugin provides.
@@ -40,6 +44,10 @@ class Backend:
     (missing kernels, a missing optional package). ``distribution`` is filled in by qcore.
     ``compile_options`` are the Inductor settings ``qcore.compile`` applies to this backend's
     compiled models only (e.g. ``{"freezing": True}``); empty by default.
+    ``hardware()`` returns what the backend reads of the machine it runs on, as a JSON-ready
+    dict (shown by ``qcore plugins``, recorded in the report); the keys are the backend's, with
+    two that qcore reads: ``"describe"`` (one line for people) and ``"target"`` (the name the
+    backend's ``default_config(target=...)`` takes for this machine). Empty by default.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -49,6 +57,7 @@ class Backend:
     plugin: str = ""
     distribution: str = ""
     compile_options: dict = attrs.field(factory=dict, converter=dict, hash=False)
+    hardware: Callable[[], dict] = attrs.field(default=_no_hardware_facts, validator=_check_callable)
 
 
 ALL_BACKENDS = "*"

@@ -111,6 +111,22 @@ def test_quantize_file_path_spec_labels_and_dynamic_batch(capsys, user_module, t
     assert loaded(torch.randn(7, 1, 8, 8)).shape == (7, 10)
 
 
+def test_quantize_for_another_target_cpu_records_it(capsys, user_module, tmp_path):
+    code, out, err = run_cli(
+        capsys, "quantize", f"{user_module}:make_model", "--calibration", f"{user_module}:batches",
+        "--target-cpu", "avx2", "--out", "m.pt2",
+    )
+    assert code == 0, err
+    assert "quantized for onednn (target avx2): " in out
+    import qcore
+    from qcore.quantize import QuantizeError
+
+    loaded = qcore.load(tmp_path / "m.pt2")
+    assert loaded.meta["qcore_target"] == "avx2"
+    weight_ranges = {tuple(n.args[4:6]) for n in loaded.graph.nodes if "dequantize_per_channel" in str(n.target)}
+    assert weight_ranges == {(-91, 91)}  # the pair-safe x86 weights, whatever this CPU is
+
+
 def test_explain_lists_integer_kernels_and_float_ops(capsys, user_module):
     code, out, err = run_cli(capsys, "explain", f"{user_module}:make_model", "--calibration", f"{user_module}:batches")
     assert code == 0, err
@@ -131,6 +147,8 @@ def test_explain_lists_integer_kernels_and_float_ops(capsys, user_module):
         (["{m}:make_model", "--calibration", "{m}:batches", "--out", "no/such/dir/model.pt2"], r"--out no/such/dir/model.pt2: directory .* does not exist"),
         (["{m}:make_model", "--calibration", "{m}:batches", "--out", "."], r"--out \. is a directory"),
         (["{m}:make_model"], r"no example inputs: give --calibration"),
+        (["{m}:make_model", "--calibration", "{m}:batches", "--target-cpu", "z80"],
+         r"backend 'onednn': unknown target CPU 'z80': expected one of amx, avx512_vnni, avx_vnni, avx2"),
     ],
 )
 def test_errors_are_one_line_nonzero_and_leave_nothing(capsys, user_module, tmp_path, argv, message):

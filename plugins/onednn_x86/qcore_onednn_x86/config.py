@@ -1,21 +1,37 @@
-"""The default x86 quantization config: what oneDNN's int8 kernels expect.
+"""The default x86 quantization config: what oneDNN's int8 kernels expect, exact on the target CPU.
 
-* activations: uint8, per-tensor affine, [0, 255] ([0, 127] with ``reduce_range``), eps 2**-12;
-  HistogramObserver (static), PlaceholderObserver (dynamic: qparams chosen at run time),
-  FusedMovingAvgObsFakeQuantize (QAT) or FakeQuantize over a MovingAverageMinMaxObserver
-  with averaging constant 1 (dynamic QAT);
-* weights: int8, per-channel symmetric on axis 0, [-128, 127]; PerChannelMinMaxObserver
-  (PTQ) or FusedMovingAvgObsFakeQuantize over MovingAveragePerChannelMinMaxObserver (QAT);
+* activations: uint8, per-tensor affine, [0, 255] ([0, 127] with ``reduce_range``; [0, 180]
+  on a CPU without VNNI, see below), eps 2**-12; HistogramObserver (static),
+  PlaceholderObserver (dynamic: qparams chosen at run time), FusedMovingAvgObsFakeQuantize
+  (QAT) or FakeQuantize over a MovingAverageMinMaxObserver with averaging constant 1 (dynamic
+  QAT);
+* weights: int8, per-channel symmetric on axis 0, [-128, 127] ([-91, 91] on a CPU without
+  VNNI); PerChannelMinMaxObserver (PTQ) or FusedMovingAvgObsFakeQuantize over
+  MovingAveragePerChannelMinMaxObserver (QAT);
 * bias: not quantized (oneDNN takes a float bias).
 
->>> config = get_default_x86_inductor_quantization_config()
->>> config.input_activation.dtype, config.weight.qscheme
-(torch.uint8, torch.per_channel_symmetric)
+``target`` is the CPU the program will run on (one of ``cpu_features.TARGET_CPUS``; None: the
+CPU this runs on). On ``"avx2"`` (no VNNI) oneDNN adds pairs of u8 x s8 products in int16 with
+saturation, so full 8-bit activations and weights would give wrong results. There both lose
+half a bit: activations [0, 180] and weights [-91, 91], so that 2 * 180 * 91 = 32760 <= 32767
+and every pair sum is exact. Of the exact schemes measured (``bench/bench_int8_schemes.py``)
+this one loses least across models (about 3 dB at most, whichever of activations or weights
+limits a model): 7-bit weights ([-64, 63]) lose up to 6 dB on conv nets, 7-bit activations
+(``reduce_range=True``: [0, 127], weights keep 8 bits, exact on every CPU) about 5 dB
+everywhere. On ``"avx512_vnni"``, ``"avx_vnni"`` and ``"amx"`` nothing changes: full 8 bits.
+
+>>> config = get_default_x86_inductor_quantization_config(target="avx512_vnni")
+>>> config.input_activation.dtype, config.weight.qscheme, config.weight.quant_min
+(torch.uint8, torch.per_channel_symmetric, -128)
+>>> avx2 = get_default_x86_inductor_quantization_config(target="avx2")
+>>> avx2.input_activation.quant_max, avx2.weight.quant_min, avx2.weight.quant_max
+(180, -91, 91)
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -25,23 +41,39 @@ __all__ = ["get_default_x86_inductor_quantization_config"]
 
 ACTIVATION_EPS = 2**-12
 
+#: The activation and weight ranges on a CPU whose int8 pair sums saturate: 2 * 180 * 91 fits int16.
+PAIR_SAFE_ACTIVATION_MAX = 180
+PAIR_SAFE_WEIGHT_RANGE = (-91, 91)
 
-@functools.lru_cache(maxsize=None)
+
 def get_default_x86_inductor_quantization_config(
     is_qat: bool = False,
     is_dynamic: bool = False,
     reduce_range: bool = False,
+    target: Optional[str] = None,
 ) -> QuantizationConfig:
-    """The config of the x86 recipe (same values as the old ``torch.ao`` X86InductorQuantizer).
+    """The config of the x86 recipe (the old ``torch.ao`` X86InductorQuantizer's values on a
+    CPU with VNNI or AMX), exact on ``target``.
 
     Args:
         is_qat: fake-quantizers for quantization-aware training instead of observers.
         is_dynamic: activations quantized at run time (for linear layers).
-        reduce_range: activations in [0, 127], for CPUs without VNNI.
+        reduce_range: activations in [0, 127] (then weights keep 8 bits on every target).
+        target: the CPU the program is for, one of ``"amx"``, ``"avx512_vnni"``, ``"avx_vnni"``,
+            ``"avx2"``; None: the CPU this runs on. On ``"avx2"`` activations are [0, 180]
+            and weights [-91, 91] (unless ``reduce_range``).
     """
     for name, value in (("is_qat", is_qat), ("is_dynamic", is_dynamic), ("reduce_range", reduce_range)):
         if not isinstance(value, bool):
             raise TypeError(f"get_default_x86_inductor_quantization_config: {name} must be True or False, got {value!r}")
+    from qcore_onednn_x86.cpu_features import cpu_for_target
+
+    pair_safe = cpu_for_target(target).int8_pair_sums_saturate and not reduce_range
+    return _x86_config(is_qat, is_dynamic, reduce_range, pair_safe)
+
+
+@functools.lru_cache(maxsize=None)
+def _x86_config(is_qat: bool, is_dynamic: bool, reduce_range: bool, pair_safe: bool) -> QuantizationConfig:
     from qcore import observers
 
     act_kwargs: dict = {"eps": ACTIVATION_EPS}
@@ -57,7 +89,7 @@ def get_default_x86_inductor_quantization_config(
     activation = QuantizationSpec(
         dtype=torch.uint8,
         quant_min=0,
-        quant_max=127 if reduce_range else 255,
+        quant_max=127 if reduce_range else PAIR_SAFE_ACTIVATION_MAX if pair_safe else 255,
         qscheme=torch.per_tensor_affine,
         is_dynamic=is_dynamic,
         observer_or_fake_quant_ctr=act_ctr.with_args(**act_kwargs),
@@ -68,10 +100,11 @@ def get_default_x86_inductor_quantization_config(
         weight_kwargs["observer"] = observers.MovingAveragePerChannelMinMaxObserver
     else:
         weight_ctr = observers.PerChannelMinMaxObserver
+    weight_min, weight_max = PAIR_SAFE_WEIGHT_RANGE if pair_safe else (-128, 127)
     weight = QuantizationSpec(
         dtype=torch.int8,
-        quant_min=-128,
-        quant_max=127,
+        quant_min=weight_min,
+        quant_max=weight_max,
         qscheme=torch.per_channel_symmetric,
         ch_axis=0,
         is_dynamic=False,

@@ -8,6 +8,7 @@ import qcore
 @qcore.hookimpl
 def qcore_register_backends() -> list:
     from qcore_onednn_x86.availability import onednn_unavailable_reason
+    from qcore_onednn_x86.cpu_features import hardware_facts
     from qcore_onednn_x86.quantizer import X86InductorQuantizer
 
     return [
@@ -16,6 +17,7 @@ def qcore_register_backends() -> list:
             quantizer_class=X86InductorQuantizer,
             description="x86 int8 (uint8 activations, int8 per-channel weights) lowered to oneDNN kernels",
             is_available=onednn_unavailable_reason,
+            hardware=hardware_facts,
             compile_options={
                 # oneDNN's packed weights must be graph constants for Inductor's lowerings
                 "freezing": True,

@@ -11,7 +11,7 @@ recipe first of all): uint8 affine per-tensor activations, int8 symmetric per-ch
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import qcore
 
@@ -26,8 +26,13 @@ class X86InductorQuantizer(qcore.BackendQuantizer):
     backend: ClassVar[str] = "onednn"
 
     @classmethod
-    def default_config(cls, is_qat: bool = False) -> "qcore.QuantizationConfig":
-        """The backend's default config (what ``qcore.quantize`` uses when given none)."""
+    def default_config(cls, is_qat: bool = False, target: Optional[str] = None) -> "qcore.QuantizationConfig":
+        """The backend's default config (what ``qcore.quantize`` uses when given none), exact on
+        ``target`` (one of ``"amx"``, ``"avx512_vnni"``, ``"avx_vnni"``, ``"avx2"``; None: this CPU).
+
+        >>> X86InductorQuantizer.default_config(target="avx2").weight.quant_max
+        91
+        """
         from qcore_onednn_x86.config import get_default_x86_inductor_quantization_config
 
-        return get_default_x86_inductor_quantization_config(is_qat=is_qat)
+        return get_default_x86_inductor_quantization_config(is_qat=is_qat, target=target)

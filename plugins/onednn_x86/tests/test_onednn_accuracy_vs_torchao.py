@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import qcore
+from qcore_onednn_x86 import get_default_x86_inductor_quantization_config
+from qcore_onednn_x86.cpu_features import detect_cpu
 
 from _onednn_helpers import x86_quantizer
 
@@ -59,10 +61,11 @@ def sqnr(reference: torch.Tensor, actual: torch.Tensor) -> float:
     return float(10 * torch.log10(reference.pow(2).mean() / (reference - actual).pow(2).mean()))
 
 
-def _converted_outputs(model, example, calibration, flow):
+def _converted_outputs(model, example, calibration, flow, lowered=False):
     exported = torch.export.export(copy.deepcopy(model), example).module()
     if flow == "qcore":
-        prepared = qcore.prepare_pt2e(exported, x86_quantizer())
+        # the recipe torchao's default is (full 8-bit: target a VNNI CPU), whatever this CPU is
+        prepared = qcore.prepare_pt2e(exported, x86_quantizer(get_default_x86_inductor_quantization_config(target="avx512_vnni")))
     else:
         from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
@@ -78,6 +81,12 @@ def _converted_outputs(model, example, calibration, flow):
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
         converted = convert_pt2e(prepared)
+    if lowered and flow == "qcore":
+        converted = qcore.lower(converted, backend="onednn", example_inputs=example)
+    elif lowered:
+        from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
+
+        converted = lower_pt2e_quantized_to_x86(converted, example)
     with torch.no_grad():
         return converted(*example)
 
@@ -98,3 +107,33 @@ def test_small_resnet_sqnr_at_least_torchaos(relu, margin_db):
     # functional relus: the same quantization, up to float rounding (0.0 dB apart when measured);
     # nn.ReLU modules: torchao requantizes the average on the input's grid (1.4 dB lost here)
     assert ours >= peers + margin_db - 0.05, (ours, peers)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_small_resnet_lowered_on_this_cpu_is_exact_and_at_least_torchaos():
+    """What the user runs: qcore's default for this CPU, lowered, against torchao's default,
+    lowered. With VNNI both are the same 8-bit program; without, torchao's saturates in
+    oneDNN's int16 pair sums and qcore's (7-bit weights) does not."""
+    pytest.importorskip("torchao.quantization.pt2e.lowering")
+    torch.manual_seed(0)
+    model = SmallResNet(FunctionalRelu).eval()
+    example = (torch.randn(8, 3, 64, 64),)
+    calibration = [torch.randn(8, 3, 64, 64) for _ in range(3)] + [example[0]]
+    with torch.no_grad():
+        reference = model(*example)
+    exported = torch.export.export(copy.deepcopy(model), example).module()
+    prepared = qcore.prepare_pt2e(exported, x86_quantizer())  # this CPU's default
+    with torch.no_grad():
+        for batch in calibration:
+            prepared(batch)
+    converted = qcore.convert_pt2e(prepared)
+    lowered = qcore.lower(converted, backend="onednn", example_inputs=example)
+    with torch.no_grad():
+        ours_qdq, ours_lowered = sqnr(reference, converted(*example)), sqnr(reference, lowered(*example))
+    peers_qdq = sqnr(reference, _converted_outputs(model, example, calibration, "torchao"))
+    peers_lowered = sqnr(reference, _converted_outputs(model, example, calibration, "torchao", lowered=True))
+    assert ours_lowered >= ours_qdq - 0.5, (ours_lowered, ours_qdq)
+    assert ours_qdq >= peers_qdq - 6.0, (ours_qdq, peers_qdq)
+    assert ours_lowered >= peers_lowered - 0.5, (ours_lowered, peers_lowered)
+    if detect_cpu().int8_pair_sums_saturate:  # the peer's program loses accuracy here, silently
+        assert peers_lowered < peers_qdq - 3.0, (peers_lowered, peers_qdq)

@@ -38,7 +38,8 @@ def test_conv_relu_partition_quantizes_inputs_and_leaves_output_to_the_consumer(
     relu = calls(gm, aten.relu.default)[0]
     conv_ann = conv.meta[ANNOTATION_KEY]
     x_spec, w_spec = conv_ann.input_qspec_map[conv.args[0]], conv_ann.input_qspec_map[conv.args[1]]
-    assert (x_spec.dtype, x_spec.quant_min, x_spec.quant_max) == (torch.uint8, 0, 255)
+    config = get_default_x86_inductor_quantization_config()  # [0, 255], or [0, 180] on a CPU without VNNI
+    assert x_spec == config.input_activation and x_spec.dtype == torch.uint8 and x_spec.quant_min == 0
     assert (w_spec.dtype, w_spec.qscheme, w_spec.ch_axis) == (torch.int8, torch.per_channel_symmetric, 0)
     assert conv_ann.input_qspec_map[conv.args[2]] is None  # bias stays float
     assert conv_ann.output_qspec is None
@@ -53,7 +54,7 @@ def test_max_pool2d_input_takes_the_qparams_of_its_output_observer():
     assert ann.output_qspec == config.input_activation
     derived = ann.input_qspec_map[pool.args[0]]
     assert isinstance(derived, DerivedQuantizationSpec) and derived.derived_from == [pool]
-    assert (derived.dtype, derived.quant_min, derived.quant_max) == (torch.uint8, 0, 255)
+    assert (derived.dtype, derived.quant_min, derived.quant_max) == (torch.uint8, 0, config.input_activation.quant_max)
 
 
 def test_max_pool2d_observer_sees_only_the_pool_output():

@@ -35,7 +35,7 @@ def test_backend_record_names_the_quantizer_and_is_available():
 
 def test_lowering_passes_are_registered_in_dependency_order():
     names = [p.name for p in get_plugin_manager().lowering_passes("onednn")]
-    assert names[:2] == ["lift_quantize_over_views", "promote_dequantize"]
+    assert names[:3] == ["check_int8_exact_on_cpu", "lift_quantize_over_views", "promote_dequantize"]
     assert names.index("prepack_conv_weights") < names.index("fuse_unary_post_ops") < names.index("fuse_binary_post_ops")
     assert names.index("fuse_binary_post_ops") < names.index("lower_quantized_max_pool2d")
     assert get_plugin_manager().lowering_passes("xnnpack") == [] or all(
@@ -44,7 +44,7 @@ def test_lowering_passes_are_registered_in_dependency_order():
 
 
 def test_config_values_match_the_x86_recipe():
-    config = get_default_x86_inductor_quantization_config()
+    config = get_default_x86_inductor_quantization_config(target="avx512_vnni")  # the recipe's own values
     act, weight = config.input_activation, config.weight
     assert (act.dtype, act.quant_min, act.quant_max, act.qscheme) == (torch.uint8, 0, 255, torch.per_tensor_affine)
     assert (weight.dtype, weight.quant_min, weight.quant_max, weight.qscheme, weight.ch_axis) == (

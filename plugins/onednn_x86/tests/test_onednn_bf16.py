@@ -7,7 +7,17 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from qcore_onednn_x86 import cpu_features
+from qcore_onednn_x86.lowering.unwrap_bf16_autocast_inputs import NoNativeBf16Warning
+
 from _onednn_helpers import counters, count, largest_activation_scale, lower, onednn, qdq_count, quantize, qd
+
+_CPU = cpu_features.detect_cpu()
+needs_native_bf16 = pytest.mark.skipif(
+    not _CPU.native_bf16,
+    reason=f"this CPU has no native bf16 ({_CPU.name}, torch capability {_CPU.capability}): "
+    f"int8-mixed-bf16 lowering declines here (test_bf16_lowering_declines_without_native_bf16)",
+)
 
 QOPS = (onednn.qconv2d_pointwise.default, onednn.qlinear_pointwise.default)
 
@@ -61,6 +71,7 @@ def lower_and_check(model: torch.nn.Module, example: tuple, qop_count: int) -> t
     return lowered
 
 
+@needs_native_bf16
 def test_bf16_conv_relu_conv_lowers_to_uint8_then_bf16_output_convs():
     lowered = lower_and_check(ConvReluConv(), (torch.randn(2, 3, 8, 8),), 2)
     # conv1 + relu writes uint8 for conv2 (relu fused); conv2 writes bf16
@@ -71,6 +82,7 @@ def test_bf16_conv_relu_conv_lowers_to_uint8_then_bf16_output_convs():
     assert counters(lowered)["qconv2d_unary_matcher_count"] == 1
 
 
+@needs_native_bf16
 @pytest.mark.parametrize("shape", [(4, 16), (2, 3, 16)], ids=["2d", "3d"])
 def test_bf16_linear_relu_linear_lowers_to_qlinear_with_bf16_output(shape):
     lowered = lower_and_check(linear_relu_linear(), (torch.randn(*shape),), 2)
@@ -85,6 +97,7 @@ def test_fp32_graph_keeps_fp32_outputs_and_no_bf16_counters():
     assert [d for d, _ in qop_output_dtypes(lowered)] == [torch.uint8, torch.float32]
 
 
+@needs_native_bf16
 @pytest.mark.parametrize("tail", [True, False], ids=["uint8-out", "float-out"])
 def test_bf16_conv_add_relu_becomes_one_binary_conv(tail):
     from test_onednn_binary_post_ops import QCONV_ADD, ResidualBlock
@@ -117,6 +130,7 @@ class LinearAddRelu(torch.nn.Module):
         return self.head(torch.relu(self.second(y) + y))
 
 
+@needs_native_bf16
 def test_bf16_linear_add_relu_becomes_one_binary_linear_with_uint8_output():
     example = (torch.randn(4, 16),)
     converted = quantize(LinearAddRelu(), example)
@@ -131,6 +145,7 @@ def test_bf16_linear_add_relu_becomes_one_binary_linear_with_uint8_output():
     assert (expected.float() - actual.float()).abs().max().item() <= tolerance
 
 
+@needs_native_bf16
 @pytest.mark.slow
 def test_bf16_graph_compiles_with_qcore_compile():
     import qcore
@@ -145,3 +160,25 @@ def test_bf16_graph_compiles_with_qcore_compile():
     assert actual.dtype == torch.bfloat16
     assert (expected.float() - actual.float()).abs().max().item() <= 0.02 * expected.float().abs().max().item()
     torch._dynamo.reset()
+
+
+def test_bf16_lowering_declines_without_native_bf16(monkeypatch):
+    """On a CPU without native bf16 (forced here, so it runs on every CPU) the int8-mixed-bf16
+    ops are left as they are, with one warning line, and the program runs as before."""
+    without_bf16 = cpu_features.cpu_for_target("avx2")
+    assert not without_bf16.native_bf16
+    monkeypatch.setattr(cpu_features, "detect_cpu", lambda: without_bf16)
+    example = (torch.randn(4, 16),)
+    converted = quantize(LinearAddRelu(), example)
+    graph = autocast_bf16(converted, example)
+    with pytest.warns(NoNativeBf16Warning, match=r"int8-mixed-bf16 lowering declined for 3 conv/linear op\(s\): .*no native bf16") as caught:
+        lowered = lower(graph, example)
+    assert len([w for w in caught if issubclass(w.category, NoNativeBf16Warning)]) == 1
+    assert "\n" not in str(caught[0].message)
+    assert counters(lowered)["bf16_declined_no_native_bf16"] == 3
+    assert "bf16_autocast_input_unwrap_count" not in counters(lowered)
+    assert count(lowered, *QOPS, onednn.qlinear_pointwise.binary) == 0
+    with torch.no_grad():
+        expected, actual = graph(*example), lowered(*example)
+    assert actual.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(expected, actual)

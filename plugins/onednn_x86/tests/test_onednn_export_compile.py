@@ -9,7 +9,9 @@ import torch
 
 import qcore
 
-from _onednn_helpers import assert_close_to_reference, count, lower, onednn, qd, quantize
+from qcore_onednn_x86 import get_default_x86_inductor_quantization_config
+
+from _onednn_helpers import assert_close_to_reference, count, lower, onednn, qd, quantize, x86_quantizer
 
 
 class SmallNet(torch.nn.Module):
@@ -74,11 +76,16 @@ def test_matches_torchaos_x86_lowering_on_a_linear_relu_linear():
                         xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config()))
     peer(*example)
     peer_lowered = lower_pt2e_quantized_to_x86(convert_pt2e(peer), example)
+    # the peer's recipe (full 8-bit, for a VNNI CPU): the same program, the same kernels, any CPU
+    same_recipe = x86_quantizer(get_default_x86_inductor_quantization_config(target="avx512_vnni"))
+    ours_same = lower(quantize(model, example, same_recipe, batches=0), example)
+    # qcore's default for this CPU: exact here
     ours = lower(quantize(model, example, batches=0), example)
     assert count(ours, onednn.qlinear_pointwise.default) == count(peer_lowered, onednn.qlinear_pointwise.default) == 2
+    assert count(ours_same, onednn.qlinear_pointwise.default) == 2
     with torch.no_grad():
         reference = model(*example)
-        ours_out, peer_out = ours(*example), peer_lowered(*example)
+        ours_out, ours_same_out, peer_out = ours(*example), ours_same(*example), peer_lowered(*example)
     scale = reference.abs().max()
     assert (ours_out - reference).abs().max() < 0.05 * scale
-    assert (ours_out - peer_out).abs().max() < 0.05 * scale
+    assert (ours_same_out - peer_out).abs().max() < 0.05 * scale

@@ -3,7 +3,7 @@
 Order (declared with ``after``; unary before binary so that a binary conv's accumulator is
 already the uint8 output of the conv that produced it)::
 
-    lift_quantize_over_views ─▶ promote_dequantize ─▶ unwrap_bf16_autocast_inputs
+    check_int8_exact_on_cpu ─▶ lift_quantize_over_views ─▶ promote_dequantize ─▶ unwrap_bf16_autocast_inputs
       ├─▶ prepack_conv_weights ───────────────────────────────┐
       └─▶ concat_shared_input_linears ─▶ prepack_linear_weights┴▶ fold_bf16_output_casts ─▶ fuse_unary_post_ops ─▶ fuse_binary_post_ops
             ─▶ lower_quantized_max_pool2d ─▶ lower_quantized_cat ─▶ lower_quantized_reshape
@@ -20,6 +20,7 @@ BACKEND = "onednn"
 
 def onednn_lowering_passes() -> list:
     """Every lowering pass of the backend (qcore orders them by ``after``)."""
+    from qcore_onednn_x86.lowering.check_int8_exact_on_cpu import check_int8_exact_on_cpu
     from qcore_onednn_x86.lowering.concat_shared_input_linears import concat_shared_input_linears
     from qcore_onednn_x86.lowering.fold_bf16_output_casts import fold_bf16_output_casts
     from qcore_onednn_x86.lowering.fuse_binary_post_ops import fuse_binary_post_ops
@@ -41,7 +42,8 @@ def onednn_lowering_passes() -> list:
         return qcore.LoweringPass(name=fn.__name__, fn=fn, backend=BACKEND, after=after)
 
     return [
-        record(lift_quantize_over_views),
+        record(check_int8_exact_on_cpu),
+        record(lift_quantize_over_views, ("check_int8_exact_on_cpu",)),
         record(promote_dequantize, ("lift_quantize_over_views",)),
         record(unwrap_bf16_autocast_inputs, ("promote_dequantize",)),
         record(prepack_conv_weights, ("unwrap_bf16_autocast_inputs",)),

@@ -42,6 +42,7 @@ from qcore_onednn_x86.lowering.graph_utils import (
     QCONV_OPS,
     VIEW_LIKE_OPS,
     act_dequantize,
+    clamp_to_quantize_range,
     aten,
     copy_meta,
     erase_chain,
@@ -79,6 +80,7 @@ FRESH_OUTPUT_OPS = (
     onednn.qconv2d_pointwise.default, onednn.qlinear_pointwise.default, onednn.qlinear_pointwise.tensor,
     onednn.qlinear_pointwise.binary, onednn.qlinear_pointwise.binary_tensor,
     torch.ops.quantized.max_pool2d.default,
+    aten.clamp_max.default,  # the uint8 range clamp after a fused [0, 180] output quantize
 )
 
 
@@ -195,7 +197,7 @@ def fuse_binary_post_ops(model: GraphModule, context: LoweringContext) -> bool:
             continue
         relu = single_user(add) if is_call(single_user(add), RELU_OPS) else None
         last = relu if relu is not None else add
-        quant = uint8_quantize(single_user(last)) if single_user(last) is not None else None
+        quant = uint8_quantize(single_user(last), narrow_ok=True) if single_user(last) is not None else None
         is_conv = qop.target in QCONV_OPS
         if is_conv:
             fused_call = _fuse_conv(qop, other, add, relu, quant)
@@ -211,6 +213,8 @@ def fuse_binary_post_ops(model: GraphModule, context: LoweringContext) -> bool:
             set_uint8_val(fused, add)
         end.replace_all_uses_with(fused)
         erase_chain(end, relu, add, qop)
+        if quant is not None:
+            clamp_to_quantize_range(fused, quant)  # a [0, 180] quantize: its clamp stays, on uint8
         if is_conv:
             erase_chain(other)
         family = "qconv2d_binary" if is_conv else "qlinear_binary"

@@ -12,7 +12,10 @@ After::
 * without one: the op applies the post-op and writes float32;
 * ``relu6`` is ``hardtanh`` with [0, 6]; ``silu`` is oneDNN's ``swish``;
   ``gelu`` (erf or tanh), ``tanh`` and ``leaky_relu`` only for linear;
-* a 3-D conv takes no post-op (only the output quantize): oneDNN refuses them.
+* a 3-D conv takes no post-op (only the output quantize): oneDNN refuses them;
+* a quantize over [0, quant_max < 255] (the pair-safe config of CPUs without VNNI: [0, 180])
+  is fused too, followed by ``clamp_max(·, quant_max)`` on the uint8 output (oneDNN saturates
+  at 255 only; the clamp is the quantize's own).
 Counters: ``qconv{1,2,3}d_unary_matcher_count`` / ``qlinear_unary_matcher_count`` (and ``_nodes``).
 """
 
@@ -25,6 +28,7 @@ from qcore.records import LoweringContext
 
 from qcore_onednn_x86.lowering.graph_utils import (
     QCONV_OPS,
+    clamp_to_quantize_range,
     copy_meta,
     erase_chain,
     finish,
@@ -57,7 +61,7 @@ def fuse_unary_post_ops(model: GraphModule, context: LoweringContext) -> bool:
         if post_op is None:
             post_op = ("none", [], "")
         last = unary if unary is not None else qop
-        quant = uint8_quantize(single_user(last)) if single_user(last) is not None else None
+        quant = uint8_quantize(single_user(last), narrow_ok=True) if single_user(last) is not None else None
         if unary is None and quant is None:
             continue
         i = output_index(qop)
@@ -73,6 +77,8 @@ def fuse_unary_post_ops(model: GraphModule, context: LoweringContext) -> bool:
             set_uint8_val(fused, qop)
         end.replace_all_uses_with(fused)
         erase_chain(end, unary, qop)
+        if quant is not None:
+            clamp_to_quantize_range(fused, quant)
         context.count(f"{family}_matcher_count")
         context.count(f"{family}_matcher_nodes", 1 + (unary is not None) + (quant is not None))
         changed = True

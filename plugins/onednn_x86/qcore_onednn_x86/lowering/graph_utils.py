@@ -164,6 +164,7 @@ class ActivationQParams:
         return (
             self.zero_point == other.zero_point
             and self.dtype == other.dtype
+            and (self.quant_min, self.quant_max) == (other.quant_min, other.quant_max)
             and math.isclose(float(self.scale), float(other.scale), rel_tol=rel_tol)
         )
 
@@ -197,16 +198,36 @@ def act_dequantize(node: Any, dtypes: tuple = (torch.uint8,)) -> Optional[Activa
     return params
 
 
-def uint8_quantize(node: Any) -> Optional[ActivationQParams]:
-    """Read a static per-tensor uint8 quantize over [0, 255]; None otherwise."""
+def uint8_quantize(node: Any, narrow_ok: bool = False) -> Optional[ActivationQParams]:
+    """Read a static per-tensor uint8 quantize over [0, 255]; None otherwise. ``narrow_ok``: also
+    over [0, quant_max < 255] (the pair-safe x86 config of CPUs without VNNI uses [0, 180]); a
+    pass that fuses such a quantize into a oneDNN op, whose uint8 output saturates at 255 only,
+    clamps it after the op with :func:`clamp_to_quantize_range`."""
     if not is_call(node, (qd.quantize_per_tensor.default,)):
         return None
     params = ActivationQParams(node)
     if params.dtype != torch.uint8 or not params.is_literal:
         return None
-    if (params.quant_min, params.quant_max) != (0, 255):
+    full_range = (params.quant_min, params.quant_max) == (0, 255)
+    narrow = narrow_ok and params.quant_min == 0 and isinstance(params.quant_max, int) and 0 < params.quant_max < 255
+    if not (full_range or narrow):
         return None
     return params
+
+
+def clamp_to_quantize_range(fused: Node, quant: ActivationQParams) -> Node:
+    """After ``fused`` (writing uint8 in [0, 255]) replaced a [0, quant_max] quantize: for
+    quant_max < 255, ``clamp_max(fused, quant_max)`` on the uint8 values, which is the
+    quantize's own clamp (saturating at 255, then at quant_max, is clamping at quant_max).
+    Returns the node that now stands for the quantize's output."""
+    if quant.quant_max == 255:
+        return fused
+    graph = fused.graph
+    with graph.inserting_after(fused):
+        clamp = graph.call_function(aten.clamp_max.default, (fused, int(quant.quant_max)))
+    copy_meta(clamp, fused)
+    fused.replace_all_uses_with(clamp, delete_user_cb=lambda user: user is not clamp)
+    return clamp
 
 
 def copy_meta(new: Node, old: Node) -> None:

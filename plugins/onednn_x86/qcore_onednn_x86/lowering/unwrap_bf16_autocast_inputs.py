@@ -21,6 +21,7 @@ Counter: ``bf16_autocast_input_unwrap_count``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -28,6 +29,7 @@ from torch.fx import GraphModule, Node
 
 from qcore.records import LoweringContext
 
+from qcore_onednn_x86 import cpu_features
 from qcore_onednn_x86.lowering.graph_utils import DQ_PER_CHANNEL, DQ_PER_TENSOR, aten, finish, is_call, onednn_declines, tensor_val
 
 NAME = "unwrap_bf16_autocast_inputs"
@@ -77,12 +79,20 @@ def _bf16_chain(node: Any) -> Optional[tuple[Node, list]]:
     return node, views
 
 
+class NoNativeBf16Warning(UserWarning):
+    """int8-mixed-bf16 lowering declined: this CPU has no native bf16 (the bf16 graph runs as it is)."""
+
+
 def unwrap_bf16_autocast_inputs(model: GraphModule, context: LoweringContext) -> bool:
-    """Run the pass in place; returns True if the graph changed."""
+    """Run the pass in place; returns True if the graph changed. On a CPU without native bf16
+    nothing is unwrapped (oneDNN cannot build int8 primitives with bf16 output there): one
+    warning line, and the bf16 ops stay as they are, still runnable."""
     if onednn_declines(NAME):
         return False
     graph = model.graph
     changed = False
+    cpu = cpu_features.detect_cpu()
+    declined = 0
     for op in list(graph.nodes):
         if op.op != "call_function" or op.target not in INPUT_POSITIONS:
             continue
@@ -95,6 +105,9 @@ def unwrap_bf16_autocast_inputs(model: GraphModule, context: LoweringContext) ->
         if act is None or weight is None:
             continue
         if not is_call(act[0].args[0], DQ_PER_TENSOR) or not is_call(weight[0].args[0], DQ_PER_CHANNEL):
+            continue
+        if not cpu.native_bf16:
+            declined += 1
             continue
         chains = [act, weight]
         bias = op.args[bias_at] if bias_at is not None and len(op.args) > bias_at else None
@@ -123,4 +136,13 @@ def unwrap_bf16_autocast_inputs(model: GraphModule, context: LoweringContext) ->
         last.replace_all_uses_with(to_bf16, delete_user_cb=lambda user: user is not to_bf16)
         context.count("bf16_autocast_input_unwrap_count")
         changed = True
+    if declined:
+        context.count("bf16_declined_no_native_bf16", declined)
+        warnings.warn(
+            f"qcore onednn: int8-mixed-bf16 lowering declined for {declined} conv/linear op(s): this CPU "
+            f"({cpu.name}, torch capability {cpu.capability}) has no native bf16 (no AVX512-BF16/AMX-BF16 in oneDNN); "
+            f"they stay bf16 ops on dequantized inputs, as in the program",
+            NoNativeBf16Warning,
+            stacklevel=3,
+        )
     return finish(model, changed)
