@@ -73,9 +73,13 @@ def format_plugin_table(rows: list[dict]) -> str:
     widths = [max(len(line[i]) for line in cells) for i in range(len(PLUGIN_COLUMNS))]
     lines = ["  ".join(value.ljust(width) for value, width in zip(line, widths)).rstrip() for line in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    for row in rows:
-        for backend, facts in sorted(row.get("hardware", {}).items()):
-            lines.append(f"{backend} on this machine: {facts.get('describe') or facts}")
+    machine = [
+        f"{backend} on this machine: {facts.get('describe') or facts}"
+        for row in rows
+        for backend, facts in sorted(row.get("hardware", {}).items())
+    ]
+    if machine:
+        lines += [""] + machine
     problems = [row for row in rows if row["status"] != "loaded"]
     if problems:
         lines.append("")
@@ -421,7 +425,8 @@ def run_quantize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     made_for = f"{args.backend} (target {target})" if target else args.backend
     out.write(f"quantized for {made_for}: {quantized} of {len(report.nodes)} compute nodes run on int8 inputs\n")
     if report.model_sqnr_db is not None:
-        out.write(f"model output SQNR vs float: {report.model_sqnr_db:.1f} dB\n")
+        measured = f" (lowered, what runs; q/dq program {report.qdq_sqnr_db:.1f} dB)" if report.lowered_sqnr_db is not None else ""
+        out.write(f"model output SQNR vs float: {report.model_sqnr_db:.1f} dB{measured}\n")
     if report.speedup is not None:
         out.write(
             f"latency: float {report.latency_ms['float']:.3f} ms, int8 {report.latency_ms['quantized']:.3f} ms "

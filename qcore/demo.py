@@ -178,7 +178,8 @@ def _run_digits_demo(report_dir: Optional[str], backend: str, seed: int, out: Te
     )
     if report.model_sqnr_db is not None:
         against = " (before QAT; training moved the weights)" if report.training is not None else ""
-        out.write(f"   model output SQNR vs float{against}: {report.model_sqnr_db:.1f} dB\n")
+        measured = f", lowered (what runs); q/dq program {report.qdq_sqnr_db:.1f} dB" if report.lowered_sqnr_db is not None else ""
+        out.write(f"   model output SQNR vs float{against}: {report.model_sqnr_db:.1f} dB{measured}\n")
     report.title = f"qcore demo: DigitsCNN on digits, backend {backend}" + (", quantization-aware training" if qat else "")
     if report_dir:
         from qcore.cli import write_report_atomically

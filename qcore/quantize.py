@@ -208,7 +208,8 @@ def quantize(
         if count == 0:
             raise QuantizeError("calibration is empty: give at least one batch (or calibration=None to use example_inputs)")
     converted = qcore.convert_pt2e(prepared)
-    recorded_target = target if target is not None else (backend_record.hardware() or {}).get("target")
+    hardware = dict(backend_record.hardware() or {})
+    recorded_target = target if target is not None else hardware.get("target")
     if recorded_target is not None and config is None:
         converted.meta["qcore_target"] = recorded_target
 
@@ -218,7 +219,7 @@ def quantize(
             lowered = qcore.lower(converted, backend=backend, example_inputs=example_inputs)
     report = build_report(
         exported, converted, lowered, backend=backend, sample_inputs=sample or example_inputs,
-        measure_latency=measure_latency, training=training,
+        measure_latency=measure_latency, training=training, hardware=hardware,
     )
     return QuantizeResult(
         converted=converted, lowered=lowered, exported=exported, report=report, backend=backend,

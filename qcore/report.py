@@ -3,9 +3,15 @@
 For every compute node of the float program the report says whether it runs on int8 inputs
 after ``convert_pt2e`` or stays float, and why; for each quantized node the SQNR of its output
 against the same node of the float program (the converted graph keeps the exported node
-names, so nodes pair by name); the model-level SQNR; float vs quantized latency; and, when the
-model was lowered, which kernels it runs (integer kernels vs float ops). ``write(directory)``
-writes ``report.md`` and ``sqnr.png`` (a bar chart of per-node SQNR, matplotlib's Agg backend).
+names, so nodes pair by name; a node into which convert folded the batch norm after it is
+compared with the float batch norm's output). The model-level SQNR is that of the model the
+user runs: the lowered program when there is one (``lowered_sqnr_db``), with the q/dq
+program's figure beside it (``qdq_sqnr_db``), so a saturating kernel or a lowering bug shows.
+Per-node SQNR stays on the q/dq program: lowering fuses nodes and loses their names. Also:
+float vs quantized latency; when the model was lowered, which kernels it runs (integer kernels
+vs float ops); the hardware the backend chose its scheme for (``hardware``, the backend's
+keys). ``write(directory)`` writes ``report.md`` and ``sqnr.png`` (horizontal bars of per-node
+SQNR, the worst 40 when there are more; matplotlib's Agg backend).
 After quantization-aware training (``qcore.quantize(qat=True)``) ``report.training`` says how the
 model was trained (epochs, learning rate, loss per epoch; or the user's ``train_fn``).
 
@@ -31,12 +37,16 @@ from torch.fx import GraphModule, Interpreter, Node
 
 from qcore.annotation import ANNOTATION_KEY, kept_float_reason
 from qcore.coverage import QUANTIZABLE_OPS
+from qcore.passes.conv_bn_patterns import batch_norm_kind, batch_norm_output
 from qcore.passes.qdq_ops import is_dequantize, is_quantize
 
 __all__ = ["NodeReport", "KernelCount", "TrainingSummary", "QuantizationReport", "build_report", "sqnr_db", "time_model"]
 
-INTEGER_KERNEL_NAMESPACES = ("onednn", "quantized", "qcore_onednn")
 _SKIPPED_TARGETS = ("getitem",)
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.quint8, torch.qint8)
+_CAST_OPS = ("aten.to", "aten._to_copy", "prims.convert_element_type")
+CHART_MAX_BARS = 40  # the chart draws the worst 40 nodes of a larger model
+CHART_MARGIN_DB = 3.0  # nodes this far below the q/dq model's output SQNR are drawn in orange
 
 
 def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
@@ -53,13 +63,18 @@ def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
 
 @attrs.frozen
 class NodeReport:
-    """One compute node of the float program: ``quantized`` (runs on int8 inputs) or float, why, and its SQNR."""
+    """One compute node of the float program: ``quantized`` (runs on int8 inputs) or float, why, and its SQNR.
+
+    ``sqnr_reference``: the float node the SQNR was measured against when it is not this node
+    (the batch norm that convert folded into it), else None.
+    """
 
     name: str
     op: str
     quantized: bool
     reason: str
     sqnr_db: Optional[float] = None
+    sqnr_reference: Optional[str] = None
 
 
 @attrs.frozen
@@ -116,11 +131,19 @@ class TrainingSummary:
 class QuantizationReport:
     """The report; see the module docstring. ``accuracy`` is ``{"float": x, "quantized": y}`` when
     given (more keys: further rows of the quantized column, e.g. ``"quantized without QAT"``).
-    ``training``: a :class:`TrainingSummary` when the model was trained with QAT, else None."""
+    ``training``: a :class:`TrainingSummary` when the model was trained with QAT, else None.
+
+    ``model_sqnr_db`` is the output SQNR of the model the user runs: ``lowered_sqnr_db`` when the
+    model was lowered, else ``qdq_sqnr_db`` (the converted q/dq program's). ``hardware``: what
+    the backend says about the machine it quantized for (its own keys; ``"describe"``, if
+    present, is the one-line summary the report prints)."""
 
     backend: str
     nodes: list
     model_sqnr_db: Optional[float]
+    qdq_sqnr_db: Optional[float] = None
+    lowered_sqnr_db: Optional[float] = None
+    hardware: dict = attrs.field(factory=dict)
     kernels: list = attrs.field(factory=list)
     lowering_counters: dict = attrs.field(factory=dict)
     latency_ms: dict = attrs.field(factory=dict)
@@ -135,9 +158,38 @@ class QuantizationReport:
             return None
         return float_ms / quantized_ms
 
+    def hardware_line(self) -> Optional[str]:
+        """``hardware["describe"]`` if the backend gave it, else the ``key=value`` pairs; None if empty."""
+        if not self.hardware:
+            return None
+        if "describe" in self.hardware:
+            return str(self.hardware["describe"])
+        return ", ".join(f"{key}={value}" for key, value in self.hardware.items())
+
+    def sqnr_lines(self) -> list[str]:
+        """The model-level SQNR: the program the user runs first, then the q/dq figure when lowered."""
+        against = " (the float model before QAT: training moved the weights)" if self.training is not None else ""
+        if self.lowered_sqnr_db is not None:
+            lines = [f"Model output SQNR vs float (lowered, what runs){against}: {_db(self.lowered_sqnr_db)}"]
+            if self.qdq_sqnr_db is not None:
+                lines.append(f"q/dq program: {_db(self.qdq_sqnr_db)}")
+            return lines
+        if self.qdq_sqnr_db is not None:
+            return [f"Model output SQNR vs float (q/dq program, not lowered){against}: {_db(self.qdq_sqnr_db)}"]
+        if self.model_sqnr_db is not None:
+            return [f"Model output SQNR vs float{against}: {_db(self.model_sqnr_db)}"]
+        return []
+
     def explain(self) -> str:
         """Plain text: which ops run as integer kernels and which stay float, and why."""
         lines = [f"backend {self.backend}:"]
+        hardware = self.hardware_line()
+        if hardware is not None:
+            lines.append(f"  hardware: {hardware}")
+        sqnr = self.sqnr_lines()
+        if sqnr:
+            text = "; ".join(sqnr)
+            lines.append(f"  {text[0].lower()}{text[1:]}")
         if self.training is not None:
             lines.append(f"  quantization-aware training: {self.training.describe()}")
         integer = [k for k in self.kernels if k.kind == "integer kernel"]
@@ -152,9 +204,14 @@ class QuantizationReport:
 
     def to_markdown(self, chart: Optional[str] = None) -> str:
         lines = [f"# {self.title}", "", f"Backend: `{self.backend}`", ""]
+        hardware = self.hardware_line()
+        if hardware is not None:
+            lines += [f"Hardware: {hardware}", ""]
         if self.training is not None:
             lines += [f"Quantization-aware training: {self.training.describe()}.", ""]
-        lines += ["## Summary", "", "| measure | float | quantized |", "| --- | --- | --- |"]
+        lines += ["## Summary", ""]
+        if self.accuracy or self.latency_ms:
+            lines += ["| measure | float | quantized |", "| --- | --- | --- |"]
         if self.accuracy:
             lines.append(f"| accuracy | {self.accuracy['float']:.2%} | {self.accuracy['quantized']:.2%} |")
             for key, value in self.accuracy.items():
@@ -162,18 +219,35 @@ class QuantizationReport:
                     lines.append(f"| accuracy, {key} | - | {value:.2%} |")
         if self.latency_ms:
             lines.append(f"| latency (ms per batch) | {self.latency_ms['float']:.3f} | {self.latency_ms['quantized']:.3f} |")
-        lines.append("")
-        if self.model_sqnr_db is not None:
-            against = " (the float model before QAT: training moved the weights)" if self.training is not None else ""
-            lines.append(f"Model output SQNR vs float{against}: {_db(self.model_sqnr_db)}")
+        if self.accuracy or self.latency_ms:
+            lines.append("")
+        sqnr = self.sqnr_lines()
+        if sqnr:
+            lines.append(f"- {sqnr[0]}")
+            lines += [f"  - {line}" for line in sqnr[1:]]
         if self.speedup is not None:
-            lines.append(f"Speedup (float / quantized latency): {self.speedup:.2f}x")
+            lines.append(f"- Speedup (float / quantized latency): {self.speedup:.2f}x")
         quantized = sum(1 for n in self.nodes if n.quantized)
         lines += ["", f"{quantized} of {len(self.nodes)} compute nodes run on int8 inputs.", ""]
-        lines += ["## Nodes", "", "| node | op | quantized | reason | SQNR (dB) |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Nodes",
+            "",
+            "Per-node SQNR is measured on the q/dq program (convert's output), not on the lowered one: "
+            "lowering fuses nodes and loses their names. A node into which convert folded the batch norm "
+            "after it is compared with the float batch norm's output. Each figure is the error accumulated "
+            "up to that node, so it tends to fall with depth; the model output can sit above its deep "
+            "layers when pooling averages the noise out.",
+            "",
+            "| node | op | quantized | reason | SQNR (dB) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for node in self.nodes:
-            sqnr = _db(node.sqnr_db) if node.sqnr_db is not None else "-"
-            lines.append(f"| {node.name} | {node.op} | {'int8' if node.quantized else 'float'} | {node.reason} | {sqnr} |")
+            sqnr_cell = "-"
+            if node.sqnr_db is not None:
+                sqnr_cell = _db(node.sqnr_db)
+                if node.sqnr_reference is not None:
+                    sqnr_cell += f" (vs {node.sqnr_reference}, folded in)"
+            lines.append(f"| {node.name} | {node.op} | {'int8' if node.quantized else 'float'} | {node.reason} | {sqnr_cell} |")
         if chart:
             lines += ["", f"![per-node SQNR]({chart})"]
         if self.kernels:
@@ -196,25 +270,78 @@ class QuantizationReport:
             handle.write(self.to_markdown(chart=os.path.basename(chart) if chart else None))
         return path
 
-    def write_chart(self, path: str) -> Optional[str]:
-        """A PNG bar chart of the quantized nodes' SQNR; None if matplotlib is missing."""
+    def chart_rows(self, max_bars: int = CHART_MAX_BARS) -> tuple[list[tuple[str, float]], str]:
+        """The ``(node, SQNR)`` bars of the chart and its title: every quantized node with a finite
+        SQNR in graph order, or, when there are more than ``max_bars``, the worst ``max_bars``,
+        worst first."""
+        rows = [(n.name, n.sqnr_db) for n in self.nodes if n.sqnr_db is not None and math.isfinite(n.sqnr_db)]
+        total = len(rows)
+        if total > max_bars:
+            worst = sorted(rows, key=lambda row: row[1])[:max_bars]
+            return worst, f"Per-node SQNR ({self.backend}): worst {max_bars} of {total} nodes, worst first"
+        return rows, f"Per-node SQNR ({self.backend}): {total} node{'s' if total != 1 else ''}, in graph order"
+
+    def write_chart(self, path: str, max_bars: int = CHART_MAX_BARS) -> Optional[str]:
+        """A PNG of the quantized nodes' SQNR as horizontal bars (see :meth:`chart_rows`), each
+        labelled with its value; None if matplotlib is missing.
+
+        A dashed line marks the q/dq model's output SQNR (per-node figures are measured on the
+        q/dq program too); nodes more than 3 dB below it are orange; a dotted line marks the
+        lowered model's output SQNR when it was lowered. About 0.24 inch per bar, at most
+        ``max_bars`` bars.
+        """
         try:
             import matplotlib
 
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
+            from matplotlib.patches import Patch
         except ImportError:
             return None
-        rows = [(n.name, n.sqnr_db) for n in self.nodes if n.sqnr_db is not None and math.isfinite(n.sqnr_db)]
-        figure, axes = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 2), 3.5))
-        axes.bar([name for name, _ in rows], [value for _, value in rows], color="tab:blue")
-        axes.set_ylabel("SQNR vs float (dB)")
-        axes.set_title(f"Per-node SQNR ({self.backend})")
-        axes.tick_params(axis="x", rotation=45)
+        rows, title = self.chart_rows(max_bars)
+        names = [_short(name) for name, _ in rows]
+        values = [value for _, value in rows]
+        model_qdq = self.qdq_sqnr_db if self.qdq_sqnr_db is not None else self.model_sqnr_db
+        has_model_line = model_qdq is not None and math.isfinite(model_qdq)
+        has_lowered_line = self.lowered_sqnr_db is not None and math.isfinite(self.lowered_sqnr_db)
+
+        figure, axes = plt.subplots(figsize=(8.0, 1.8 + 0.24 * max(len(rows), 1)))
+        colors = ["tab:orange" if has_model_line and value < model_qdq - CHART_MARGIN_DB else "tab:blue" for value in values]
+        positions = list(range(len(rows)))
+        axes.barh(positions, values, color=colors, height=0.7)
+        axes.set_yticks(positions, names, fontsize=8)
+        axes.set_ylim(len(rows) - 0.5, -0.5)  # first row at the top
+        marks = values + ([model_qdq] if has_model_line else []) + ([self.lowered_sqnr_db] if has_lowered_line else [])
+        low, high = min(marks + [0.0]), max(marks + [1.0])
+        span = high - low
+        axes.set_xlim(low - (0.05 * span if low < 0 else 0), high + 0.12 * span)
+        for position, value in zip(positions, values):
+            axes.text(max(value, 0.0) + 0.01 * span, position, f"{value:.1f}", va="center", fontsize=7)
+        if has_model_line:
+            axes.axvline(model_qdq, color="tab:red", linestyle="--", linewidth=1,
+                         label=f"model output, q/dq program: {model_qdq:.1f} dB")
+        if has_lowered_line:
+            axes.axvline(self.lowered_sqnr_db, color="black", linestyle=":", linewidth=1.2,
+                         label=f"model output, lowered (what runs): {self.lowered_sqnr_db:.1f} dB")
+        handles, _ = axes.get_legend_handles_labels()
+        if "tab:orange" in colors:
+            handles.append(Patch(color="tab:orange", label="node more than 3 dB below the q/dq model"))
+        if handles:
+            axes.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
+        if not rows:
+            axes.text(0.5, 0.5, "no quantized node with a finite SQNR", ha="center", va="center", transform=axes.transAxes)
+        axes.set_xlabel("SQNR vs float (dB), measured on the q/dq program", fontsize=9)
+        legend_rows = (len(handles) + 1) // 2
+        axes.set_title(title, fontsize=10, pad=6 + 13 * legend_rows)
+        axes.grid(axis="x", alpha=0.3)
         figure.tight_layout()
         figure.savefig(path, dpi=100)
         plt.close(figure)
         return path
+
+
+def _short(name: str, limit: int = 32) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
 def _db(value: float) -> str:
@@ -278,6 +405,24 @@ def _float_reason(converted_node: Node, backend: str) -> str:
     return f"no {backend} annotator handles {_op_name(converted_node)}"
 
 
+def folded_batch_norm(node: Node, converted_names: "set[str]") -> Optional[Node]:
+    """The batch norm of the float program that convert folded into ``node``, or None.
+
+    That is a batch norm reading ``node`` (its only user) whose output node (the batch norm or
+    its ``getitem(·, 0)``) is gone from the converted program (``converted_names``): there the
+    twin of ``node`` computes the value after the batch norm, so that is what it compares with.
+    """
+    if len(node.users) != 1:
+        return None
+    (bn,) = node.users
+    if batch_norm_kind(bn) is None or bn.args[0] is not node or bn.name in converted_names:
+        return None
+    output = batch_norm_output(bn)
+    if output is None or output.name in converted_names:
+        return None
+    return bn
+
+
 def classify_nodes(exported: GraphModule, converted: GraphModule, backend: str) -> list[NodeReport]:
     """One NodeReport per aten compute node of ``exported`` (no SQNR yet); in-place updates of
     buffers (batch norm's ``num_batches_tracked += 1`` in a train-mode export) are not compute."""
@@ -288,7 +433,12 @@ def classify_nodes(exported: GraphModule, converted: GraphModule, backend: str) 
             continue
         twin = by_name.get(node.name)
         if twin is None:
-            reports.append(NodeReport(node.name, _op_name(node), False, "folded away by convert (e.g. batch norm into conv)"))
+            producer = node.args[0] if node.args else None
+            if batch_norm_kind(node) is not None and isinstance(producer, Node) and producer.name in by_name:
+                reason = f"folded away by convert into {producer.name} (its SQNR is taken after this batch norm)"
+            else:
+                reason = "folded away by convert (e.g. batch norm into conv)"
+            reports.append(NodeReport(node.name, _op_name(node), False, reason))
             continue
         dequantized = [a.name for a in twin.all_input_nodes if is_dequantize(a)]
         if dequantized:
@@ -298,24 +448,32 @@ def classify_nodes(exported: GraphModule, converted: GraphModule, backend: str) 
     return reports
 
 
+def _kernel_kind(node: Node, outputs: dict) -> str:
+    """How ``node`` of a lowered program runs, judged by its data, not by whose op it is: "q/dq"
+    for quantize/dequantize ops and casts of 8-bit integer data, "integer kernel" for any other
+    op that reads or writes 8-bit integer tensors, else "float"."""
+    if getattr(node.target, "namespace", "") == "quantized_decomposed":
+        return "q/dq"
+    values = [outputs.get(node.name)] + [outputs.get(arg.name) for arg in node.all_input_nodes]
+    integer = any(isinstance(value, torch.Tensor) and value.dtype in _INTEGER_DTYPES for value in values)
+    if not integer:
+        return "float"
+    return "q/dq" if _op_name(node) in _CAST_OPS else "integer kernel"
+
+
 def count_kernels(lowered: GraphModule, inputs: tuple) -> list[KernelCount]:
-    """The ops of ``lowered`` by kind: integer kernels (oneDNN/quantized ops, aten ops on int8 data), q/dq, float."""
+    """The ops of ``lowered`` by kind (see :func:`_kernel_kind`), from one run on ``inputs``."""
     _, outputs = _record(lowered, inputs)
+    return _count_kernels(lowered, outputs)
+
+
+def _count_kernels(lowered: GraphModule, outputs: dict) -> list[KernelCount]:
     counts: dict[tuple[str, str], int] = {}
     for node in lowered.graph.nodes:
         if node.op != "call_function" or getattr(node.target, "__name__", "") in _SKIPPED_TARGETS:
             continue
-        op = _op_name(node)
-        namespace = getattr(node.target, "namespace", "")
-        if namespace in INTEGER_KERNEL_NAMESPACES:
-            kind = "integer kernel"
-        elif namespace == "quantized_decomposed":
-            kind = "q/dq"
-        else:
-            value = outputs.get(node.name)
-            integer = isinstance(value, torch.Tensor) and not value.is_floating_point()
-            kind = "integer kernel" if integer else "float"
-        counts[(op, kind)] = counts.get((op, kind), 0) + 1
+        key = (_op_name(node), _kernel_kind(node, outputs))
+        counts[key] = counts.get(key, 0) + 1
     order = {"integer kernel": 0, "q/dq": 1, "float": 2}
     return [KernelCount(op, kind, n) for (op, kind), n in sorted(counts.items(), key=lambda item: (order[item[0][1]], item[0][0]))]
 
@@ -342,6 +500,11 @@ def _first_tensor(value: Any) -> Optional[torch.Tensor]:
     return None
 
 
+def _output_sqnr(reference_result: Any, result: Any) -> Optional[float]:
+    reference, actual = _first_tensor(reference_result), _first_tensor(result)
+    return sqnr_db(reference, actual) if reference is not None and actual is not None else None
+
+
 def build_report(
     exported: GraphModule,
     converted: GraphModule,
@@ -350,25 +513,41 @@ def build_report(
     sample_inputs: tuple,
     measure_latency: bool = True,
     training: Optional[TrainingSummary] = None,
+    hardware: Optional[dict] = None,
 ) -> QuantizationReport:
-    """Compare ``converted`` (and ``lowered``) with the float ``exported`` program on ``sample_inputs``
+    """Compare ``converted`` and ``lowered`` with the float ``exported`` program on ``sample_inputs``
     (``exported`` must be in eval mode: it is run, and a train-mode graph would update batch-norm
-    statistics). ``training``: how QAT trained the model, if it did."""
+    statistics). ``model_sqnr_db`` is the lowered program's output SQNR when there is one, else the
+    converted program's; per-node SQNR pairs ``exported`` and ``converted`` nodes by name.
+    ``training``: how QAT trained the model, if it did; ``hardware``: what the backend says about
+    the machine (recorded as given)."""
     nodes = classify_nodes(exported, converted, backend)
     float_result, float_outputs = _record(exported, sample_inputs)
     quant_result, quant_outputs = _record(converted, sample_inputs)
+    exported_by_name = {node.name: node for node in exported.graph.nodes}
+    converted_names = {node.name for node in converted.graph.nodes}
     with_sqnr = []
     for node in nodes:
-        reference, actual = float_outputs.get(node.name), quant_outputs.get(node.name)
-        value = None
-        if node.quantized and reference is not None and actual is not None and reference.shape == actual.shape and reference.is_floating_point():
-            value = sqnr_db(reference, actual)
-        with_sqnr.append(attrs.evolve(node, sqnr_db=value))
-    reference, actual = _first_tensor(float_result), _first_tensor(quant_result)
-    model_sqnr = sqnr_db(reference, actual) if reference is not None and actual is not None else None
-    report = QuantizationReport(backend=backend, nodes=with_sqnr, model_sqnr_db=model_sqnr, training=training)
+        bn = folded_batch_norm(exported_by_name[node.name], converted_names)
+        reference_name = batch_norm_output(bn).name if bn is not None else node.name
+        reference, actual = float_outputs.get(reference_name), quant_outputs.get(node.name)
+        comparable = (
+            node.quantized and reference is not None and actual is not None
+            and reference.shape == actual.shape and reference.is_floating_point()
+        )
+        if comparable:
+            node = attrs.evolve(node, sqnr_db=sqnr_db(reference, actual), sqnr_reference=bn.name if bn is not None else None)
+        with_sqnr.append(node)
+    qdq_sqnr = _output_sqnr(float_result, quant_result)
+    report = QuantizationReport(
+        backend=backend, nodes=with_sqnr, model_sqnr_db=qdq_sqnr, qdq_sqnr_db=qdq_sqnr,
+        hardware=dict(hardware or {}), training=training,
+    )
     if lowered is not None:
-        report.kernels = count_kernels(lowered, sample_inputs)
+        lowered_result, lowered_outputs = _record(lowered, sample_inputs)
+        report.lowered_sqnr_db = _output_sqnr(float_result, lowered_result)
+        report.model_sqnr_db = report.lowered_sqnr_db
+        report.kernels = _count_kernels(lowered, lowered_outputs)
         report.lowering_counters = dict(lowered.meta.get("qcore_lowered", {}).get("counters", {}))
     if measure_latency:
         report.latency_ms = {

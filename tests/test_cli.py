@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import json
 import re
 import subprocess
@@ -15,7 +16,7 @@ from qcore.errors import PluginError
 
 from plugin_dists import make_plugin_dist
 
-JSON_KEYS = {"name", "distribution", "version", "status", "hooks", "backends", "error"}
+JSON_KEYS = {"name", "distribution", "version", "status", "hooks", "backends", "error", "hardware"}
 
 
 def installed_plugin_entry_points() -> dict:
@@ -75,6 +76,20 @@ def test_plugins_json_lists_each_installed_backend_with_its_distribution(capsys,
         assert rows["xnnpack"]["distribution"] == "qcore-xnnpack"
     if "onednn" in installed_plugin_entry_points():
         assert rows["onednn"]["distribution"] == "qcore-onednn-x86"
+        from qcore_onednn_x86.cpu_features import detect_cpu
+
+        cpu = rows["onednn"]["hardware"]["onednn"]  # what the backend reads of this CPU
+        assert cpu["target"] == cpu["int8_kernel"] == detect_cpu().int8_kernel
+        assert cpu["native_bf16"] == detect_cpu().native_bf16 and cpu["describe"] == detect_cpu().describe()
+
+
+def test_plugins_table_ends_with_what_each_backend_reads_of_this_machine(capsys, fresh_plugin_manager):
+    code, out, _ = run_cli(capsys, "plugins")
+    assert code == 0
+    if "onednn" in installed_plugin_entry_points():
+        from qcore_onednn_x86.cpu_features import detect_cpu
+
+        assert f"onednn on this machine: {detect_cpu().describe()}" in out.splitlines()
 
 
 def test_plugins_table_has_a_header_and_one_row_per_plugin(capsys, fresh_plugin_manager):
@@ -83,7 +98,8 @@ def test_plugins_table_has_a_header_and_one_row_per_plugin(capsys, fresh_plugin_
     lines = out.splitlines()
     assert lines[0].split() == ["plugin", "distribution", "version", "status", "hooks", "backends"]
     assert set(lines[1]) == {"-", " "}
-    first_cells = [line.split()[0] for line in lines[2:] if line.strip()]
+    table = itertools.takewhile(str.strip, lines[2:])  # then a blank line, what the backends read of this machine
+    first_cells = [line.split()[0] for line in table]
     _, json_out, _ = run_cli(capsys, "plugins", "--json")
     assert first_cells == [row["name"] for row in json.loads(json_out)]
     core_row = next(line for line in lines if line.startswith("qcore "))
