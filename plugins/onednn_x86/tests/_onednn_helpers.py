@@ -59,10 +59,10 @@ def qdq_count(gm: torch.fx.GraphModule) -> int:
 
 
 def skip_range_clamp(node: Any) -> Any:
-    """The producer behind the uint8 ``clamp_max(·, quant_max)`` that follows a oneDNN op whose
+    """The producer behind the uint8 ``qcore_onednn.clamp_uint8(·, quant_max)`` that follows a oneDNN op whose
     fused output quantize has a narrow range ([0, 180]: the pair-safe config of CPUs without
     VNNI); ``node`` itself otherwise."""
-    if getattr(node, "target", None) is aten.clamp_max.default and isinstance(node.args[1], int) and node.args[1] < 255:
+    if getattr(node, "target", None) is torch.ops.qcore_onednn.clamp_uint8.default and node.args[1] < 255:
         return node.args[0]
     return node
 

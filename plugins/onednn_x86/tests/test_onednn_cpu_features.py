@@ -183,3 +183,21 @@ def test_quantize_target_errors():
     with pytest.raises(QuantizeError, match=r"target='avx2' chooses the backend's default config"):
         qcore.quantize(ConvNet().eval(), example, backend="onednn", target="avx2",
                        config=get_default_x86_inductor_quantization_config(target="avx2"))
+
+
+def test_narrow_output_quantizes_fuse_with_a_uint8_clamp_that_keeps_the_memory_format():
+    """A program for a CPU without VNNI (any CPU runs it): every oneDNN op that writes a [0, 180]
+    uint8 output is followed by qcore_onednn.clamp_uint8 (oneDNN saturates at 255 only), and the
+    clamp keeps channels-last, so the next conv reads it as it is."""
+    from torch.ops import qcore_onednn
+
+    example = (torch.randn(2, 8, 12, 12),)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
+    converted = quantize(model, example, x86_quantizer(get_default_x86_inductor_quantization_config(target="avx2")))
+    lowered = lower(converted, example)
+    clamps = [n for n in lowered.graph.nodes if n.target is qcore_onednn.clamp_uint8.default]
+    assert [n.args[1] for n in clamps] == [180] and clamps[0].args[0].target is torch.ops.onednn.qconv2d_pointwise.default
+    x = torch.randint(0, 256, (2, 4, 5, 5), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    clamped = qcore_onednn.clamp_uint8(x, 180)
+    assert clamped.is_contiguous(memory_format=torch.channels_last) and torch.equal(clamped, x.clamp_max(180))
+    assert_close_to_reference(converted, lowered, example)

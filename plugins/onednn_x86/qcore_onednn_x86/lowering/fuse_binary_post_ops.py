@@ -80,7 +80,7 @@ FRESH_OUTPUT_OPS = (
     onednn.qconv2d_pointwise.default, onednn.qlinear_pointwise.default, onednn.qlinear_pointwise.tensor,
     onednn.qlinear_pointwise.binary, onednn.qlinear_pointwise.binary_tensor,
     torch.ops.quantized.max_pool2d.default,
-    aten.clamp_max.default,  # the uint8 range clamp after a fused [0, 180] output quantize
+    qcore_onednn.clamp_uint8.default,  # the uint8 range clamp after a fused [0, 180] output quantize
 )
 
 

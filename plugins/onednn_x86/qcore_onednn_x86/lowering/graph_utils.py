@@ -217,14 +217,17 @@ def uint8_quantize(node: Any, narrow_ok: bool = False) -> Optional[ActivationQPa
 
 def clamp_to_quantize_range(fused: Node, quant: ActivationQParams) -> Node:
     """After ``fused`` (writing uint8 in [0, 255]) replaced a [0, quant_max] quantize: for
-    quant_max < 255, ``clamp_max(fused, quant_max)`` on the uint8 values, which is the
-    quantize's own clamp (saturating at 255, then at quant_max, is clamping at quant_max).
-    Returns the node that now stands for the quantize's output."""
+    quant_max < 255, ``qcore_onednn.clamp_uint8(fused, quant_max)`` (``clamp_max`` on the uint8
+    values, in their memory format), which is the quantize's own clamp (saturating at 255, then
+    at quant_max, is clamping at quant_max). Returns the node that now stands for the quantize's
+    output."""
+    from qcore_onednn_x86.lowering.custom_ops import clamp_uint8
+
     if quant.quant_max == 255:
         return fused
     graph = fused.graph
     with graph.inserting_after(fused):
-        clamp = graph.call_function(aten.clamp_max.default, (fused, int(quant.quant_max)))
+        clamp = graph.call_function(clamp_uint8.default, (fused, int(quant.quant_max)))
     copy_meta(clamp, fused)
     fused.replace_all_uses_with(clamp, delete_user_cb=lambda user: user is not clamp)
     return clamp
