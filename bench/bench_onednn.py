@@ -14,13 +14,17 @@ shared machine hits all variants alike. It prints per model the median latency, 
 over fp32 eager and fp32 compiled, the SQNR (dB) against the float model, and the issue's
 targets with the median of the per-round ratios. Each variant gets its own input tensors
 (torchao's compiled encoder layer writes into its input); a variant that mutates its input is
-flagged. Without torchao the torchao rows are left out.
+flagged. Without torchao the torchao rows are left out. The header names the CPU and the int8
+ranges of qcore's config: made for this CPU (narrower ranges on a CPU without VNNI, where oneDNN's
+full 8-bit kernels saturate; ``bench/bench_int8_schemes.py``) unless ``--target`` names another.
 
 Usage::
 
     python bench/bench_onednn.py --threads 1 --repeat 30            # all models
     python bench/bench_onednn.py --models mlp cnn --repeat 10 --no-compile   # quick
     python bench/bench_onednn.py --models mlp bert --torchao-autotune        # + torchao autotuned
+    python bench/bench_onednn.py --target avx512_vnni     # qcore's full 8-bit config on any CPU
+    python bench/bench_onednn.py --also-target avx512_vnni --skip-torchao   # + that config beside the default
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import copy
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -157,11 +162,32 @@ def calibrate(prepared: Any, batches: list[tuple]) -> None:
             prepared(*batch)
 
 
-def qcore_converted(model: nn.Module, example: tuple, batches: list[tuple]) -> Any:
-    import qcore
-    from qcore_onednn_x86 import X86InductorQuantizer, get_default_x86_inductor_quantization_config
+def qcore_config(target: Optional[str] = None) -> Any:
+    """qcore's default x86 config for ``target`` (None: this CPU; narrower ranges without VNNI)."""
+    from qcore_onednn_x86 import get_default_x86_inductor_quantization_config
 
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    return get_default_x86_inductor_quantization_config(target=target)
+
+
+def scheme_line(target: Optional[str] = None) -> str:
+    """The CPU this runs on and the int8 ranges qcore's variants use, e.g. for the table header."""
+    from qcore_onednn_x86.cpu_features import detect_cpu
+
+    config = qcore_config(target)
+    act, weight = config.input_activation, config.weight
+    made_for = "this CPU" if target is None else f"target {target!r}"
+    return (
+        f"CPU: {detect_cpu().describe()}\n"
+        f"qcore scheme ({made_for}): activations uint8 [{act.quant_min}, {act.quant_max}] x "
+        f"weights int8 [{weight.quant_min}, {weight.quant_max}]; torchao: its default, [0, 255] x [-128, 127]"
+    )
+
+
+def qcore_converted(model: nn.Module, example: tuple, batches: list[tuple], target: Optional[str] = None) -> Any:
+    import qcore
+    from qcore_onednn_x86 import X86InductorQuantizer
+
+    quantizer = X86InductorQuantizer().set_global(qcore_config(target))
     prepared = qcore.prepare_pt2e(torch.export.export(model, example).module(), quantizer)
     calibrate(prepared, batches)
     return qcore.convert_pt2e(prepared)
@@ -241,10 +267,16 @@ def build_variants(name: str, args: argparse.Namespace) -> tuple[list[Variant], 
             plan.append(("torchao int8 compiled+tune", lambda: torch.compile(tuned_peer, options=AUTOTUNE), True))
         if args.compile:
             plan.append(("torchao int8 compiled", lambda: torch.compile(peer), True))
-    ours = qcore_converted(copy.deepcopy(model), example, calibration)
+    ours = qcore_converted(copy.deepcopy(model), example, calibration, args.target)
     plan.append(("qcore int8 lowered eager", lambda: qcore.lower(ours, backend="onednn", example_inputs=example), False))
     if args.compile:
         plan.append(("qcore int8 compiled", lambda: qcore.compile(ours, backend="onednn", example_inputs=example), False))
+    if args.also_target:  # the same model quantized for another CPU, timed beside (same kernels, other ranges)
+        other = qcore_converted(copy.deepcopy(model), example, calibration, args.also_target)
+        tag = f"qcore [{args.also_target}]"
+        plan.append((f"{tag} lowered", lambda: qcore.lower(other, backend="onednn", example_inputs=example), False))
+        if args.compile:
+            plan.append((f"{tag} compiled", lambda: qcore.compile(other, backend="onednn", example_inputs=example), False))
 
     variants, failures = [], []
     for label, build, freezing in plan:
@@ -256,7 +288,8 @@ def build_variants(name: str, args: argparse.Namespace) -> tuple[list[Variant], 
             with torch._inductor.config.patch(freezing=freezing), torch.no_grad():
                 variant.run = build()
                 out = variant()
-        except Exception as exc:  # keep the table going; show what failed
+        except Exception as exc:  # keep the table going; show what failed (the traceback on stderr)
+            traceback.print_exc(file=sys.stderr)
             failures.append((label, f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"))
             continue
         if label != "fp32 eager":
@@ -321,7 +354,7 @@ TARGETS = (
 )
 
 
-def report(name: str, variants: list[Variant], failures: list, rounds: list[dict]) -> None:
+def report(name: str, variants: list[Variant], failures: list, rounds: list[dict], also_target: Optional[str] = None) -> None:
     medians = {v.label: v.median_ms for v in variants}
     eager, compiled = medians.get("fp32 eager"), medians.get("fp32 compiled")
     header = f"{'variant':<28} {'median ms':>10} {'IQR ms':>9} {'x eager':>8} {'x fp32 compiled':>16} {'SQNR dB':>8}"
@@ -337,7 +370,14 @@ def report(name: str, variants: list[Variant], failures: list, rounds: list[dict
         print(f"{v.label:<28} {ms:10.3f} {q[2] - q[0]:9.3f} {speed_eager} {speed_compiled} {db:>8}  {v.note}")
     for label, error in failures:
         print(f"{label:<28} {'failed':>10}  {error}")
-    for text, numerator, denominator, limit, models in TARGETS:
+    extra = ()
+    if also_target:
+        tag = f"qcore [{also_target}]"
+        extra = (
+            (f"qcore lowered eager / {tag} lowered", "qcore int8 lowered eager", f"{tag} lowered", None, None),
+            (f"qcore compiled / {tag} compiled", "qcore int8 compiled", f"{tag} compiled", None, None),
+        )
+    for text, numerator, denominator, limit, models in TARGETS + extra:
         if models is not None and name not in models:
             continue
         ratio = paired_ratio(rounds, numerator, denominator)
@@ -355,6 +395,8 @@ def report(name: str, variants: list[Variant], failures: list, rounds: list[dict
 
 
 def main(argv: Optional[list] = None) -> None:
+    from qcore_onednn_x86.cpu_features import TARGET_CPUS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["cnn", "mlp", "bert", "mobilenet"])
     parser.add_argument("--repeat", "--iters", type=int, default=20, help="interleaved rounds (medians over them)")
@@ -368,6 +410,14 @@ def main(argv: Optional[list] = None) -> None:
         help="also time torchao's compiled model with the GEMM autotuning qcore.compile turns on",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--target", choices=TARGET_CPUS, default=None,
+        help="the CPU qcore's config is made for (default: this one; without VNNI, narrower ranges)",
+    )
+    parser.add_argument(
+        "--also-target", choices=TARGET_CPUS, default=None,
+        help="also time qcore's model quantized for this CPU (e.g. avx512_vnni: full 8-bit ranges), side by side",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -376,10 +426,11 @@ def main(argv: Optional[list] = None) -> None:
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeat {args.repeat}, inner {args.inner}, "
         f"torchao {'yes' if args.torchao else 'no (qcore and fp32 only)'}"
     )
+    print(scheme_line(args.target))
     for name in args.models:
         variants, failures = build_variants(name, args)
         rounds = time_interleaved(variants, args.repeat, args.inner, args.warmup)
-        report(name, variants, failures, rounds)
+        report(name, variants, failures, rounds, args.also_target)
         sys.stdout.flush()
 
 
