@@ -91,16 +91,21 @@ def _converted_outputs(model, example, calibration, flow, lowered=False):
         return converted(*example)
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("relu, margin_db", [(FunctionalRelu, 0.0), (torch.nn.ReLU, 0.5)])
-def test_small_resnet_sqnr_at_least_torchaos(relu, margin_db):
-    pytest.importorskip("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
+def _small_resnet_case(relu: type) -> tuple:
+    """(model, example, calibration batches, float output on the example), seeded."""
     torch.manual_seed(0)
     model = SmallResNet(relu).eval()
     example = (torch.randn(8, 3, 64, 64),)
     calibration = [torch.randn(8, 3, 64, 64) for _ in range(3)] + [example[0]]
     with torch.no_grad():
-        reference = model(*example)
+        return model, example, calibration, model(*example)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("relu, margin_db", [(FunctionalRelu, 0.0), (torch.nn.ReLU, 0.5)])
+def test_small_resnet_sqnr_at_least_torchaos(relu, margin_db):
+    pytest.importorskip("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
+    model, example, calibration, reference = _small_resnet_case(relu)
     ours = sqnr(reference, _converted_outputs(model, example, calibration, "qcore"))
     peers = sqnr(reference, _converted_outputs(model, example, calibration, "torchao"))
     assert ours > 30.0
@@ -113,14 +118,9 @@ def test_small_resnet_sqnr_at_least_torchaos(relu, margin_db):
 def test_small_resnet_lowered_on_this_cpu_is_exact_and_at_least_torchaos():
     """What the user runs: qcore's default for this CPU, lowered, against torchao's default,
     lowered. With VNNI both are the same 8-bit program; without, torchao's saturates in
-    oneDNN's int16 pair sums and qcore's (7-bit weights) does not."""
+    oneDNN's int16 pair sums and qcore's ([0, 180] x [-91, 91]) does not."""
     pytest.importorskip("torchao.quantization.pt2e.lowering")
-    torch.manual_seed(0)
-    model = SmallResNet(FunctionalRelu).eval()
-    example = (torch.randn(8, 3, 64, 64),)
-    calibration = [torch.randn(8, 3, 64, 64) for _ in range(3)] + [example[0]]
-    with torch.no_grad():
-        reference = model(*example)
+    model, example, calibration, reference = _small_resnet_case(FunctionalRelu)
     exported = torch.export.export(copy.deepcopy(model), example).module()
     prepared = qcore.prepare_pt2e(exported, x86_quantizer())  # this CPU's default
     with torch.no_grad():
