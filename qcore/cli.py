@@ -421,8 +421,7 @@ def run_quantize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     quantized = sum(1 for node in report.nodes if node.quantized)
     if report.training is not None:
         out.write(f"quantization-aware training: {report.training.describe()}\n")
-    target = result.converted.meta.get("qcore_target") if args.target_cpu else None
-    made_for = f"{args.backend} (target {target})" if target else args.backend
+    made_for = f"{args.backend} (target {args.target_cpu})" if args.target_cpu else args.backend
     out.write(f"quantized for {made_for}: {quantized} of {len(report.nodes)} compute nodes run on int8 inputs\n")
     if report.model_sqnr_db is not None:
         measured = f" (lowered, what runs; q/dq program {report.qdq_sqnr_db:.1f} dB)" if report.lowered_sqnr_db is not None else ""

@@ -27,11 +27,10 @@ from qcore.records import LoweringContext
 
 from qcore_onednn_x86 import cpu_features
 from qcore_onednn_x86.cpu_features import TARGET_CPUS, pair_sum_is_exact
-from qcore_onednn_x86.lowering.graph_utils import DQ_PER_CHANNEL, DQ_PER_TENSOR, VIEW_LIKE_OPS, is_call
+from qcore_onednn_x86.lowering.graph_utils import DQ_PER_CHANNEL, VIEW_LIKE_OPS, act_dequantize, aten, is_call
 
 NAME = "check_int8_exact_on_cpu"
 
-aten = torch.ops.aten
 WEIGHTED_OPS = (
     aten.linear.default,
     aten.conv1d.default,
@@ -63,14 +62,9 @@ def _weight_range(dq_weight: Node) -> Optional[tuple]:
     return quant_min, quant_max
 
 
-def _activation_max(dq_activation: object) -> Optional[int]:
-    if not is_call(dq_activation, DQ_PER_TENSOR):
-        return None
-    args = list(dq_activation.args) + [None] * 6
-    quant_max, dtype = dq_activation.kwargs.get("quant_max", args[4]), dq_activation.kwargs.get("dtype", args[5])
-    if dtype != torch.uint8 or not isinstance(quant_max, int):
-        return None
-    return quant_max
+def _activation_max(node: object) -> Optional[int]:
+    params = act_dequantize(node)  # a uint8 per-tensor dequantize
+    return params.quant_max if params is not None and isinstance(params.quant_max, int) else None
 
 
 def int8_layer_ranges(model: GraphModule) -> list:

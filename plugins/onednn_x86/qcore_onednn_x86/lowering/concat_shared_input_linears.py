@@ -16,7 +16,8 @@ One GEMM of 1024x768x2304 runs about 4% faster than three of 1024x768x768 on one
 the outputs are column views of it, so nothing is copied. Only linears with float output whose
 users no post-op pass would fuse (no activation, add or quantize after them), with int8
 per-channel (axis 0) constant weights of the same input width and identical activation
-dequantize arguments (and one weight range: 8-bit and 7-bit weights are not mixed). Counter: ``qlinear_concat_matcher_count`` / ``_nodes``.
+dequantize arguments and weight range (the x86 config's ranges depend on the target CPU).
+Counter: ``qlinear_concat_matcher_count`` / ``_nodes``.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _member(model: GraphModule, linear: Node) -> Optional[Member]:
     if out is None or out.dtype != torch.float32:
         return None
     for user in linear.users:  # keep linears whose output a post-op pass would fuse
-        if is_call(user, ADD_OPS) or uint8_quantize(user, narrow_ok=True) is not None or unary_post_op(user, for_linear=True):
+        if is_call(user, ADD_OPS) or uint8_quantize(user) is not None or unary_post_op(user, for_linear=True):
             return None
     return Member(linear, x.node, weight, scale_t, zp_t, bias)
 
@@ -104,7 +105,7 @@ def concat_shared_input_linears(model: GraphModule, context: LoweringContext) ->
         if member is None:
             continue
         dq = member.dq
-        weight_range = tuple(member.linear.args[1].args[4:6])  # 8-bit or 7-bit weights: one range per group
+        weight_range = tuple(member.linear.args[1].args[4:6])  # one weight range per group
         key = (dq.args[0], tuple(dq.args[1:]), tuple(sorted(dq.kwargs.items())), member.weight.shape[1],
                member.scale.dtype, member.zero_point.dtype, member.bias is None, weight_range)
         groups.setdefault(key, []).append(member)

@@ -197,7 +197,7 @@ def fuse_binary_post_ops(model: GraphModule, context: LoweringContext) -> bool:
             continue
         relu = single_user(add) if is_call(single_user(add), RELU_OPS) else None
         last = relu if relu is not None else add
-        quant = uint8_quantize(single_user(last), narrow_ok=True) if single_user(last) is not None else None
+        quant = uint8_quantize(single_user(last)) if single_user(last) is not None else None
         is_conv = qop.target in QCONV_OPS
         if is_conv:
             fused_call = _fuse_conv(qop, other, add, relu, quant)

@@ -14,7 +14,7 @@ After::
   ``gelu`` (erf or tanh), ``tanh`` and ``leaky_relu`` only for linear;
 * a 3-D conv takes no post-op (only the output quantize): oneDNN refuses them;
 * a quantize over [0, quant_max < 255] (the pair-safe config of CPUs without VNNI: [0, 180])
-  is fused too, followed by ``clamp_max(·, quant_max)`` on the uint8 output (oneDNN saturates
+  is fused too, followed by ``qcore_onednn.clamp_uint8(·, quant_max)`` on the uint8 output (oneDNN saturates
   at 255 only; the clamp is the quantize's own).
 Counters: ``qconv{1,2,3}d_unary_matcher_count`` / ``qlinear_unary_matcher_count`` (and ``_nodes``).
 """
@@ -61,7 +61,7 @@ def fuse_unary_post_ops(model: GraphModule, context: LoweringContext) -> bool:
         if post_op is None:
             post_op = ("none", [], "")
         last = unary if unary is not None else qop
-        quant = uint8_quantize(single_user(last), narrow_ok=True) if single_user(last) is not None else None
+        quant = uint8_quantize(single_user(last)) if single_user(last) is not None else None
         if unary is None and quant is None:
             continue
         i = output_index(qop)

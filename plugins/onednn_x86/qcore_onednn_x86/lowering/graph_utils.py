@@ -12,6 +12,8 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 from torch.fx import GraphModule, Node
 
+from qcore_onednn_x86.lowering.custom_ops import clamp_uint8
+
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
 onednn = torch.ops.onednn
@@ -198,19 +200,17 @@ def act_dequantize(node: Any, dtypes: tuple = (torch.uint8,)) -> Optional[Activa
     return params
 
 
-def uint8_quantize(node: Any, narrow_ok: bool = False) -> Optional[ActivationQParams]:
-    """Read a static per-tensor uint8 quantize over [0, 255]; None otherwise. ``narrow_ok``: also
-    over [0, quant_max < 255] (the pair-safe x86 config of CPUs without VNNI uses [0, 180]); a
-    pass that fuses such a quantize into a oneDNN op, whose uint8 output saturates at 255 only,
-    clamps it after the op with :func:`clamp_to_quantize_range`."""
+def uint8_quantize(node: Any) -> Optional[ActivationQParams]:
+    """Read a static per-tensor uint8 quantize over [0, quant_max <= 255]; None otherwise. The
+    pair-safe x86 config of CPUs without VNNI quantizes over [0, 180]: a pass that fuses such a
+    quantize into a oneDNN op, whose uint8 output saturates at 255 only, keeps its clamp with
+    :func:`clamp_to_quantize_range`."""
     if not is_call(node, (qd.quantize_per_tensor.default,)):
         return None
     params = ActivationQParams(node)
     if params.dtype != torch.uint8 or not params.is_literal:
         return None
-    full_range = (params.quant_min, params.quant_max) == (0, 255)
-    narrow = narrow_ok and params.quant_min == 0 and isinstance(params.quant_max, int) and 0 < params.quant_max < 255
-    if not (full_range or narrow):
+    if params.quant_min != 0 or not isinstance(params.quant_max, int) or not 0 < params.quant_max <= 255:
         return None
     return params
 
@@ -221,8 +221,6 @@ def clamp_to_quantize_range(fused: Node, quant: ActivationQParams) -> Node:
     values, in their memory format), which is the quantize's own clamp (saturating at 255, then
     at quant_max, is clamping at quant_max). Returns the node that now stands for the quantize's
     output."""
-    from qcore_onednn_x86.lowering.custom_ops import clamp_uint8
-
     if quant.quant_max == 255:
         return fused
     graph = fused.graph

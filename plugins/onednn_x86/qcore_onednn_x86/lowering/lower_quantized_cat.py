@@ -45,7 +45,7 @@ def lower_quantized_cat(model: GraphModule, context: LoweringContext) -> bool:
     for cat in list(graph.nodes):
         if not is_call(cat, (aten.cat.default,)):
             continue
-        quant = uint8_quantize(single_user(cat), narrow_ok=True) if single_user(cat) is not None else None
+        quant = uint8_quantize(single_user(cat)) if single_user(cat) is not None else None
         if quant is None:
             continue
         inputs = [act_dequantize(i) for i in cat.args[0]]

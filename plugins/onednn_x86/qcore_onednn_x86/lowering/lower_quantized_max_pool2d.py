@@ -56,7 +56,7 @@ def lower_quantized_max_pool2d(model: GraphModule, context: LoweringContext) -> 
         else:
             continue
         x = act_dequantize(pool.args[0])
-        quant = uint8_quantize(single_user(values), narrow_ok=True) if single_user(values) is not None else None
+        quant = uint8_quantize(single_user(values)) if single_user(values) is not None else None
         if x is None or quant is None or len(x.node.users) != 1 or not x.same_qparams(quant):
             continue
         args = list(pool.args) + [None] * (6 - len(pool.args))

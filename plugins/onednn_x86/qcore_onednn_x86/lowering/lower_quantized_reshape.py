@@ -50,7 +50,7 @@ def lower_quantized_reshape(model: GraphModule, context: LoweringContext) -> boo
         if not is_call(node, tuple(RESHAPE_TARGETS)):
             continue
         x = act_dequantize(node.args[0])
-        quant = uint8_quantize(single_user(node), narrow_ok=True) if single_user(node) is not None else None
+        quant = uint8_quantize(single_user(node)) if single_user(node) is not None else None
         if x is None or quant is None or len(x.node.users) != 1 or not x.same_qparams(quant):
             continue
         with graph.inserting_before(quant.node):

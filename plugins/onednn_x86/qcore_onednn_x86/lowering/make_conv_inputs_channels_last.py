@@ -50,7 +50,7 @@ def make_conv_inputs_channels_last(model: GraphModule, context: LoweringContext)
     graph = model.graph
     changed = False
     for quant in list(graph.nodes):
-        if uint8_quantize(quant, narrow_ok=True) is None:
+        if uint8_quantize(quant) is None:
             continue
         shape = static_shape(quant.args[0])
         if shape is None or len(shape) != 4:
