@@ -12,18 +12,27 @@ with ``@qcore.hookimpl`` whose names are the hook names below::
 
     @qcore.hookimpl
     def annotate_op(backend):
-        return [qcore.Annotator(name="sigmoid", pattern=("sigmoid",), fn=annotate_sigmoid)]
+        if backend == "mybackend":
+            return [qcore.Annotator(name="sigmoid", fn=annotate_sigmoid)]
+        return []
 
-The order in which implementations run is qcore's, not pluggy's: annotators by pattern
-(fused patterns before their parts), lowering passes by their declared ``after``, QAT fusions
-with the core's default first and then by plugin name.
+qcore calls every hook through pluggy, so an implementation may take fewer arguments than its
+spec (``def annotate_op():`` is fine) and hook wrappers apply. The order in which records take
+effect is qcore's, not pluggy's: annotators by priority (fused patterns before their parts),
+lowering passes by their declared ``after``, QAT fusions with the core's default first and then
+by plugin name.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import pluggy
+
+if TYPE_CHECKING:
+    from torch.fx import GraphModule
+
+    from qcore.records import Annotator, Backend, LoweringPass
 
 PROJECT = "qcore"
 
@@ -32,7 +41,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def qcore_register_backends() -> list:
+def qcore_register_backends() -> "list[Backend]":
     """Declare the backends this plugin provides.
 
     Returns:
@@ -49,15 +58,15 @@ def qcore_register_backends() -> list:
 
 
 @hookspec
-def annotate_op(backend: str) -> list:
+def annotate_op(backend: str) -> "list[Annotator]":
     """Contribute op annotators for ``backend``.
 
     Args:
         backend: the backend name the model is being quantized for (``"xnnpack"``, ...).
 
     Returns:
-        A list of :class:`qcore.Annotator` records (empty or None if this plugin has nothing
-        for that backend). qcore runs every annotator of every plugin in its own order:
+        A list of :class:`qcore.Annotator` records for ``backend`` only (empty or None if this
+        plugin has nothing for it): the argument is how annotators are selected. qcore runs every annotator of every plugin in its own order:
         fused patterns before their parts, observer-sharing ops last. An annotator may add
         annotations but never change or remove one an earlier annotator made.
 
@@ -66,12 +75,13 @@ def annotate_op(backend: str) -> list:
         @qcore.hookimpl
         def annotate_op(backend):
             if backend == "xnnpack":
-                return [qcore.Annotator(name="sub", pattern=("sub",), fn=annotate_sub)]
+                return [qcore.Annotator(name="sub", fn=annotate_sub)]
+            return []
     """
 
 
 @hookspec
-def fuse_qat(model: Any, is_qat: bool) -> Optional[bool]:
+def fuse_qat(model: "GraphModule", is_qat: bool) -> Optional[bool]:
     """Rewrite an annotated graph into its quantization-aware-training form (conv-bn fusion).
 
     Called after annotation and before observer insertion, only when preparing for QAT.
@@ -93,7 +103,9 @@ def fuse_qat(model: Any, is_qat: bool) -> Optional[bool]:
 
 
 @hookspec(firstresult=True)
-def insert_observers(model: Any, is_qat: bool) -> Any:
+def insert_observers(
+    model: "GraphModule", is_qat: bool, obs_or_fq_callback: "Optional[Callable[[GraphModule, dict], None]]"
+) -> "Optional[GraphModule]":
     """Insert observers (PTQ) or fake-quantizers (QAT) on every annotated edge and output.
 
     The first implementation that returns a model decides; the core's default implementation
@@ -104,6 +116,10 @@ def insert_observers(model: Any, is_qat: bool) -> Any:
         model: the annotated ``torch.fx.GraphModule`` (qcore's own copy of the user's model:
             rewrite it in place or return a new one).
         is_qat: whether the model is prepared for training.
+        obs_or_fq_callback: the quantizer's ``prepare_obs_or_fq_callback`` (or None): called
+            once every observer is created, with the model and a dict
+            ``{edge or node: observer instance}``, so the quantizer can adjust them (tie two
+            observers together, set a range) before calibration.
 
     Returns:
         The prepared ``GraphModule``, or None to let the next implementation decide.
@@ -111,28 +127,32 @@ def insert_observers(model: Any, is_qat: bool) -> Any:
     Example::
 
         @qcore.hookimpl(tryfirst=True)
-        def insert_observers(model, is_qat):
+        def insert_observers(model, is_qat, obs_or_fq_callback):
             if model.meta.get("my_backend"):
-                return my_insert_observers(model, is_qat)
+                prepared = my_insert_observers(model, is_qat)
+                if obs_or_fq_callback is not None:
+                    obs_or_fq_callback(prepared, my_observers_by_edge(prepared))
+                return prepared
     """
 
 
 @hookspec
-def lower_pattern(backend: str) -> list:
+def lower_pattern(backend: str) -> "list[LoweringPass]":
     """Contribute lowering passes that rewrite converted q/dq patterns into backend kernels.
 
     Args:
         backend: the backend being lowered to (``"onednn"``, ...).
 
     Returns:
-        A list of :class:`qcore.LoweringPass` records. qcore runs every pass of every plugin
-        for that backend, ordered by their ``after`` declarations (ties by name).
+        A list of :class:`qcore.LoweringPass` records for ``backend`` only. qcore runs every
+        pass of every plugin for that backend, ordered by their ``after`` declarations (ties by name).
 
     Example::
 
         @qcore.hookimpl
         def lower_pattern(backend):
             if backend == "onednn":
-                return [qcore.LoweringPass(name="fuse_my_op", backend="onednn",
-                                           fn=fuse_my_op, after=("prepack_weights",))]
+                return [qcore.LoweringPass(name="fuse_my_op", fn=fuse_my_op,
+                                           after=("prepack_weights",))]
+            return []
     """

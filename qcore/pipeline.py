@@ -21,7 +21,7 @@ from qcore.passes.duplicate_dequantize import duplicate_dequantize
 from qcore.passes.fold_batch_norm import fold_batch_norm
 from qcore.passes.fold_conv_bn_qat import fold_conv_bn_qat
 from qcore.passes.fold_weight_quantize import fold_weight_quantize
-from qcore.passes.insert_observers import OBS_OR_FQ_CALLBACK_META, PREPARED_META
+from qcore.passes.insert_observers import PREPARED_META
 from qcore.passes.train_eval import set_training_mode
 from qcore.plugin_manager import get_plugin_manager
 from qcore.records import LoweringContext
@@ -75,11 +75,7 @@ def _prepare(model: GraphModule, quantizer: Any, is_qat: bool, verb: str) -> Gra
     if is_qat:
         manager.fuse_qat(model)
     callback = getattr(quantizer, "prepare_obs_or_fq_callback", None)
-    if callable(callback):
-        model.meta[OBS_OR_FQ_CALLBACK_META] = callback
-    prepared = manager.insert_observers(model, is_qat=is_qat)
-    model.meta.pop(OBS_OR_FQ_CALLBACK_META, None)
-    prepared.meta.pop(OBS_OR_FQ_CALLBACK_META, None)
+    prepared = manager.insert_observers(model, is_qat=is_qat, obs_or_fq_callback=callback if callable(callback) else None)
     prepared.meta[PREPARED_META] = {"is_qat": is_qat}
     return prepared
 

@@ -1,4 +1,4 @@
-"""Finds, checks, orders and calls qcore plugins. The only module that calls ``pm.hook.*``.
+"""Finds, checks, orders and calls qcore plugins. The only module that calls the hooks.
 
 Loading order (documented, deterministic):
 
@@ -183,10 +183,44 @@ class QcorePluginManager:
         info = self._infos.get(plugin_name)
         return info.distribution if info else "?"
 
-    def _impls(self, hook_name: str) -> list:
-        """Hook implementations in qcore's order: the core first, then by plugin name."""
-        impls = getattr(self.pm.hook, hook_name).get_hookimpls()
-        return sorted(impls, key=lambda impl: (impl.plugin_name != "qcore", impl.plugin_name, impl.function.__name__))
+    # ------------------------------------------------------------------ calling hooks
+    def call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call every implementation of ``hook_name`` through pluggy, one plugin at a time.
+
+        The order is qcore's: the core's own implementation first, then by plugin name (pluggy's
+        LIFO order would depend on installation order). Each call goes through pluggy's hook
+        executor (``HookCaller._hookexec``, what ``pm.hook.<name>(...)`` runs, given one
+        plugin's implementations and every wrapper), so an implementation may take fewer arguments than the spec (pluggy passes only
+        the ones it names), and hook wrappers, tracing and monitoring apply. Returns
+        ``(plugin name, result)`` for each implementation that returned something other than None.
+        """
+        caller = getattr(self.pm.hook, hook_name)
+        every_impl = caller.get_hookimpls()  # pluggy's order: plain implementations, then wrappers
+        plugins = sorted(
+            {impl.plugin_name: impl.plugin for impl in every_impl if not (impl.hookwrapper or impl.wrapper)}.items(),
+            key=lambda item: (item[0] != "qcore", item[0]),
+        )
+        results: list[tuple[str, Any]] = []
+        for plugin_name, plugin in plugins:
+            # this plugin's implementations and every wrapper, in pluggy's order, run by the same
+            # executor as ``pm.hook.<name>(...)`` (so monitoring and tracing see the call too)
+            impls = [impl for impl in every_impl if impl.plugin is plugin or impl.hookwrapper or impl.wrapper]
+            for result in caller._hookexec(caller.name, impls, kwargs, False):
+                results.append((plugin_name, result))
+        return results
+
+    def records(self, hook_name: str, record_type: type, **kwargs: Any) -> list:
+        """The records every plugin returns from ``hook_name``, checked and stamped with their plugin."""
+        found = []
+        for plugin_name, returned in self.call_each(hook_name, **kwargs):
+            for record in returned or ():
+                if not isinstance(record, record_type):
+                    raise PluginError(
+                        f"plugin {plugin_name!r} returned {record!r} from {hook_name}; "
+                        f"expected qcore.{record_type.__name__} records"
+                    )
+                found.append(attrs.evolve(record, plugin=plugin_name))
+        return found
 
     # ------------------------------------------------------------------ backends
     def backends(self, include_unavailable: bool = False) -> dict[str, Backend]:
@@ -194,25 +228,17 @@ class QcorePluginManager:
         with self._lock:
             if self._backends is None:
                 found: dict[str, Backend] = {}
-                for impl in self._impls("qcore_register_backends"):
-                    for record in impl.function() or ():
-                        if not isinstance(record, Backend):
-                            raise PluginError(
-                                f"plugin {impl.plugin_name!r} returned {record!r} from "
-                                f"qcore_register_backends; expected qcore.Backend records"
-                            )
-                        record = attrs.evolve(
-                            record, plugin=impl.plugin_name, distribution=self._distribution_of(impl.plugin_name)
+                for record in self.records("qcore_register_backends", Backend):
+                    record = attrs.evolve(record, distribution=self._distribution_of(record.plugin))
+                    if record.name in found:
+                        other = found[record.name]
+                        raise PluginError(
+                            f"backend {record.name!r} is registered twice: by distribution "
+                            f"{other.distribution!r} (plugin {other.plugin!r}) and by distribution "
+                            f"{record.distribution!r} (plugin {record.plugin!r}); uninstall or "
+                            f"block one of them with {BLOCK_ENV}"
                         )
-                        if record.name in found:
-                            other = found[record.name]
-                            raise PluginError(
-                                f"backend {record.name!r} is registered twice: by distribution "
-                                f"{other.distribution!r} (plugin {other.plugin!r}) and by distribution "
-                                f"{record.distribution!r} (plugin {record.plugin!r}); uninstall or "
-                                f"block one of them with {BLOCK_ENV}"
-                            )
-                        found[record.name] = record
+                    found[record.name] = record
                 self._backends = found
             if include_unavailable:
                 return dict(self._backends)
@@ -242,28 +268,15 @@ class QcorePluginManager:
     # ------------------------------------------------------------------ the four hooks
     def annotators(self, backend: str) -> list[Annotator]:
         """Every annotator the plugins contribute for ``backend``, in qcore's run order."""
-        found: list[Annotator] = []
-        for impl in self._impls("annotate_op"):
-            for record in impl.function(backend=backend) or ():
-                if not isinstance(record, Annotator):
-                    raise PluginError(
-                        f"plugin {impl.plugin_name!r} returned {record!r} from annotate_op; "
-                        f"expected qcore.Annotator records"
-                    )
-                if record.serves(backend):
-                    found.append(attrs.evolve(record, plugin=impl.plugin_name))
-        return sorted(found, key=lambda a: a.order_key)
+        return sorted(self.records("annotate_op", Annotator, backend=backend), key=lambda a: a.order_key)
 
     def fuse_qat(self, model: Any) -> bool:
         """Run every ``fuse_qat`` implementation: the core's first, then by plugin name."""
-        changed = False
-        for impl in self._impls("fuse_qat"):
-            changed = bool(impl.function(model=model, is_qat=True)) or changed
-        return changed
+        return any([bool(changed) for _, changed in self.call_each("fuse_qat", model=model, is_qat=True)])
 
-    def insert_observers(self, model: Any, is_qat: bool) -> Any:
+    def insert_observers(self, model: Any, is_qat: bool, obs_or_fq_callback: Any = None) -> Any:
         """The first ``insert_observers`` implementation that returns a model decides."""
-        result = self.pm.hook.insert_observers(model=model, is_qat=is_qat)
+        result = self.pm.hook.insert_observers(model=model, is_qat=is_qat, obs_or_fq_callback=obs_or_fq_callback)
         if result is None:
             raise PluginError("no plugin inserted observers (is the core plugin blocked?)")
         return result
@@ -271,21 +284,13 @@ class QcorePluginManager:
     def lowering_passes(self, backend: str) -> list[LoweringPass]:
         """Every lowering pass for ``backend``, ordered so each runs after what it declares."""
         found: dict[str, LoweringPass] = {}
-        for impl in self._impls("lower_pattern"):
-            for record in impl.function(backend=backend) or ():
-                if not isinstance(record, LoweringPass):
-                    raise PluginError(
-                        f"plugin {impl.plugin_name!r} returned {record!r} from lower_pattern; "
-                        f"expected qcore.LoweringPass records"
-                    )
-                if record.backend != backend:
-                    continue
-                if record.name in found:
-                    raise PluginError(
-                        f"lowering pass {record.name!r} for backend {backend!r} is declared by both "
-                        f"plugin {found[record.name].plugin!r} and plugin {impl.plugin_name!r}"
-                    )
-                found[record.name] = attrs.evolve(record, plugin=impl.plugin_name)
+        for record in self.records("lower_pattern", LoweringPass, backend=backend):
+            if record.name in found:
+                raise PluginError(
+                    f"lowering pass {record.name!r} for backend {backend!r} is declared by both "
+                    f"plugin {found[record.name].plugin!r} and plugin {record.plugin!r}"
+                )
+            found[record.name] = record
         return order_after(found)
 
 

@@ -48,6 +48,13 @@ class Backend:
     dict (shown by ``qcore plugins``, recorded in the report); the keys are the backend's, with
     two that qcore reads: ``"describe"`` (one line for people) and ``"target"`` (the name the
     backend's ``default_config(target=...)`` takes for this machine). Empty by default.
+
+    For the commands that pick and describe a backend without naming one (``qcore demo``,
+    ``qcore quantize --backend auto``): ``preference`` ranks the available backends (highest
+    wins; the built-in ``reference`` backend has 0); ``kernel_library`` names the kernels its
+    lowering targets, for people ("oneDNN"); ``lowered_runs_in_process`` is False when the
+    lowered program is for another runtime (ExecuTorch), so a command that times the lowered
+    model keeps the q/dq program instead.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -58,54 +65,56 @@ class Backend:
     distribution: str = ""
     compile_options: dict = attrs.field(factory=dict, converter=dict, hash=False)
     hardware: Callable[[], dict] = attrs.field(default=_no_hardware_facts, validator=_check_callable)
-
-
-ALL_BACKENDS = "*"
+    preference: int = 0
+    kernel_library: str = ""
+    lowered_runs_in_process: bool = True
 
 
 @attrs.frozen
 class Annotator:
-    """One op-pattern annotator, the unit the ``annotate_op`` hook contributes.
+    """One op annotator, the unit the ``annotate_op`` hook contributes.
 
-    ``fn(model, config, filter_fn) -> list[list[Node]]`` annotates every match of ``pattern``
+    ``fn(model, config, filter_fn) -> list[list[Node]]`` annotates every match of its pattern
     in ``model`` that ``filter_fn`` accepts, skipping nodes already claimed, and returns the
-    partitions it annotated. ``pattern`` names the ops of the fused pattern in data-flow order
-    (``("conv", "batch_norm", "relu")``): qcore runs longer patterns before shorter ones, so a
-    fused pattern claims its nodes before the annotator of one of its parts sees them.
+    partitions it annotated.
+
+    ``priority`` orders the annotators of every plugin: higher runs first, so a fused pattern
+    claims its nodes before the annotator of one of its parts sees them (by convention the
+    number of ops the pattern matches: 3 for conv -> batch_norm -> relu, 1 for conv).
     Annotators with ``shares_input=True`` (max_pool2d, cat, ...) reuse their producer's
-    observer and run after every compute annotator.
-    ``modes`` says in which configs the annotator runs: "static", "dynamic", "qat".
+    observer and run after every compute annotator. ``modes`` says in which configs the
+    annotator runs: "static", "dynamic", "qat" (a dynamic QAT config is "dynamic").
+
+    Which backend an annotator serves is the ``annotate_op(backend)`` hook's business: a plugin
+    returns the annotators of the backend it is asked for.
     """
 
     name: str = attrs.field(validator=_check_name)
     fn: Callable[..., Any] = attrs.field(validator=_check_callable)
-    pattern: tuple = attrs.field(converter=tuple, default=())
-    backends: frozenset = attrs.field(converter=frozenset, default=frozenset({ALL_BACKENDS}))
+    priority: int = attrs.field(default=1, validator=attrs.validators.instance_of(int))
     modes: frozenset = attrs.field(converter=frozenset, default=frozenset({"static", "qat"}))
     shares_input: bool = False
     plugin: str = ""
 
     def __attrs_post_init__(self) -> None:
-        bad = set(self.modes) - {"static", "dynamic", "qat", "qat_only"}
-        if bad:
+        bad = set(self.modes) - MODES
+        if bad or not self.modes:
             raise ValueError(
-                f"Annotator {self.name!r}: unknown modes {sorted(bad)}; "
-                f"allowed: 'static', 'dynamic', 'qat', 'qat_only'"
+                f"Annotator {self.name!r}: unknown modes {sorted(bad) or '(none given)'}; "
+                f"allowed: {', '.join(repr(m) for m in sorted(MODES))}"
             )
 
     def runs_in(self, mode: str) -> bool:
         """True if the annotator applies to a config of this mode ("static", "dynamic", "qat")."""
-        if "qat_only" in self.modes:
-            return mode == "qat"
         return mode in self.modes
-
-    def serves(self, backend: str) -> bool:
-        return ALL_BACKENDS in self.backends or backend in self.backends
 
     @property
     def order_key(self) -> tuple:
-        """Sharing annotators last; longer fused patterns first; then by name (deterministic)."""
-        return (self.shares_input, -len(self.pattern), self.name, self.plugin)
+        """Sharing annotators last; higher priority first; then by name (deterministic)."""
+        return (self.shares_input, -self.priority, self.name, self.plugin)
+
+
+MODES = frozenset({"static", "dynamic", "qat"})
 
 
 @attrs.frozen
@@ -114,12 +123,12 @@ class LoweringPass:
 
     ``fn(model, context) -> bool`` rewrites ``model`` in place and returns whether it changed
     anything. ``after`` names passes that must run first (missing names are ignored, so a
-    third-party pass can order itself after an optional one).
+    third-party pass can order itself after an optional one). The backend a pass serves is the
+    ``lower_pattern(backend)`` hook's business (``context.backend`` names it).
     """
 
     name: str = attrs.field(validator=_check_name)
     fn: Callable[..., bool] = attrs.field(validator=_check_callable)
-    backend: str = attrs.field(validator=_check_name)
     after: tuple = attrs.field(converter=tuple, default=())
     plugin: str = ""
 

@@ -152,7 +152,7 @@ def make(name, pattern, shares=False):
     def fn(model, config, filter_fn):
         model.meta.setdefault("order", []).append(name)
         return []
-    return qcore.Annotator(name=name, fn=fn, pattern=pattern, shares_input=shares)
+    return qcore.Annotator(name=name, fn=fn, priority=len(pattern), shares_input=shares)
 
 @qcore.hookimpl
 def annotate_op(backend):
@@ -180,15 +180,17 @@ def noop(model, context):
 
 @qcore.hookimpl
 def lower_pattern(backend):
+    if backend != "toy":
+        return [qcore.LoweringPass(name="other_backend", fn=noop)]
     return [
-        qcore.LoweringPass(name="fuse", fn=noop, backend="toy", after=("prepack",)),
-        qcore.LoweringPass(name="prepack", fn=noop, backend="toy", after=("promote", "optional_missing")),
-        qcore.LoweringPass(name="promote", fn=noop, backend="toy"),
-        qcore.LoweringPass(name="other_backend", fn=noop, backend="elsewhere"),
+        qcore.LoweringPass(name="fuse", fn=noop, after=("prepack",)),
+        qcore.LoweringPass(name="prepack", fn=noop, after=("promote", "optional_missing")),
+        qcore.LoweringPass(name="promote", fn=noop),
     ]
 """
     make_plugin_dist(site, "qcore-lower", "lower", "qcore_toy_lower", source)
     assert [p.name for p in manager().lowering_passes("toy")] == ["promote", "prepack", "fuse"]
+    assert [p.name for p in manager().lowering_passes("elsewhere")] == ["other_backend"]
 
 
 def test_lowering_pass_cycle_is_an_error(site):
@@ -198,12 +200,100 @@ noop = lambda model, context: False
 
 @qcore.hookimpl
 def lower_pattern(backend):
-    return [qcore.LoweringPass(name="a", fn=noop, backend="toy", after=("b",)),
-            qcore.LoweringPass(name="b", fn=noop, backend="toy", after=("a",))]
+    return [qcore.LoweringPass(name="a", fn=noop, after=("b",)),
+            qcore.LoweringPass(name="b", fn=noop, after=("a",))]
 """
     make_plugin_dist(site, "qcore-cycle", "cycle", "qcore_toy_cycle", source)
     with pytest.raises(PluginError, match="cycle"):
         manager().lowering_passes("toy")
+
+
+FEWER_ARGUMENTS_PLUGIN = """
+import qcore
+
+def noop(model, context):
+    return False
+
+def annotate_nothing(model, config, filter_fn):
+    return []
+
+@qcore.hookimpl
+def annotate_op():
+    return [qcore.Annotator(name="everywhere", fn=annotate_nothing)]
+
+@qcore.hookimpl
+def lower_pattern():
+    return [qcore.LoweringPass(name="everywhere_pass", fn=noop)]
+
+@qcore.hookimpl
+def fuse_qat(model):
+    model.meta["fused_by_fewer_arguments"] = True
+    return True
+"""
+
+
+def test_a_hook_taking_fewer_arguments_than_its_spec_works(site):
+    make_plugin_dist(site, "qcore-fewer", "fewer", "qcore_toy_fewer", FEWER_ARGUMENTS_PLUGIN)
+    pm = manager()
+    assert [a.name for a in pm.annotators("toy")] == ["everywhere"]
+    assert [a.plugin for a in pm.annotators("anything")] == ["fewer"]
+    assert [p.name for p in pm.lowering_passes("toy")] == ["everywhere_pass"]
+    gm = torch.fx.symbolic_trace(torch.nn.ReLU())
+    assert pm.fuse_qat(gm) is True and gm.meta["fused_by_fewer_arguments"]
+
+
+WRAPPER_PLUGIN = """
+import qcore
+
+def annotate_nothing(model, config, filter_fn):
+    return []
+
+@qcore.hookimpl
+def annotate_op(backend):
+    return [qcore.Annotator(name="plain_" + backend, fn=annotate_nothing)]
+
+@qcore.hookimpl(wrapper=True)
+def lower_pattern(backend):
+    CALLS.append(backend)
+    records = yield
+    return records
+
+CALLS = []
+"""
+
+
+def test_hook_wrappers_and_tracing_see_every_call(site):
+    make_plugin_dist(site, "qcore-wrap", "wrap", "qcore_toy_wrap", WRAPPER_PLUGIN)
+    make_plugin_dist(site, "qcore-lower2", "lower2", "qcore_toy_lower2", LOWER_PLUGIN)
+    pm = manager()
+    traced = []
+    undo = pm.pm.add_hookcall_monitoring(lambda name, impls, kwargs: traced.append((name, kwargs)), lambda *a: None)
+    try:
+        assert [p.name for p in pm.lowering_passes("toy")] == ["promote"]
+        assert [a.name for a in pm.annotators("toy")] == ["plain_toy"]
+    finally:
+        undo()
+    import qcore_toy_wrap
+
+    assert qcore_toy_wrap.CALLS == ["toy"]  # the wrapper ran around the plugin's lower_pattern
+    assert ("lower_pattern", {"backend": "toy"}) in traced and ("annotate_op", {"backend": "toy"}) in traced
+
+
+LOWER_PLUGIN = """
+import qcore
+
+@qcore.hookimpl
+def lower_pattern(backend):
+    return [qcore.LoweringPass(name="promote", fn=lambda model, context: False)]
+"""
+
+
+def test_annotator_modes_are_checked():
+    fn = lambda model, config, filter_fn: []  # noqa: E731
+    with pytest.raises(ValueError, match="unknown modes \\['qat_only'\\]; allowed: 'dynamic', 'qat', 'static'"):
+        qcore.Annotator(name="x", fn=fn, modes={"qat_only"})
+    assert qcore.Annotator(name="x", fn=fn, modes={"qat"}).runs_in("qat")
+    assert not qcore.Annotator(name="x", fn=fn, modes={"qat"}).runs_in("static")
 
 
 def test_wrong_record_type_is_an_error_naming_the_plugin(site):
@@ -237,8 +327,8 @@ def second(model, config, filter_fn):
 
 @qcore.hookimpl
 def annotate_op(backend):
-    return [qcore.Annotator(name="first", fn=first, pattern=("relu", "relu")),
-            qcore.Annotator(name="second", fn=second, pattern=("relu",))]
+    return [qcore.Annotator(name="first", fn=first, priority=2),
+            qcore.Annotator(name="second", fn=second, priority=1)]
 """
     make_plugin_dist(site, "qcore-rude", "rude", "qcore_toy_rude", source)
     previous = set_plugin_manager(manager())

@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 OBSERVER_META = "qcore_observer"
 PREPARED_META = "qcore_prepared"
-OBS_OR_FQ_CALLBACK_META = "qcore_obs_or_fq_callback"
 OBSERVER_PREFIX = "activation_post_process_"
 
 Point = Union[Node, tuple]
@@ -81,11 +80,8 @@ def insert_observers(
         log.info("insert_observers: the model already has observers; returned unchanged")
         model.recompile()
         return model
-    if obs_or_fq_callback is None:
-        obs_or_fq_callback = model.meta.get(OBS_OR_FQ_CALLBACK_META)
     if not in_place:
         model, _ = copy_graph_module(model, copy_tensors=False, recompile=False)
-    model.meta.pop(OBS_OR_FQ_CALLBACK_META, None)
     points = _collect_points(model)
     groups = _SharingGroups(points)
     groups.add_explicit_sharing()

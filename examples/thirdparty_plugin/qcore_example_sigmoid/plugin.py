@@ -16,4 +16,4 @@ def annotate_op(backend: str) -> list:
         return []
     from qcore_example_sigmoid.annotate_sigmoid import annotate_sigmoid
 
-    return [qcore.Annotator(name="example_sigmoid", pattern=("sigmoid",), fn=annotate_sigmoid, backends=BACKENDS)]
+    return [qcore.Annotator(name="example_sigmoid", fn=annotate_sigmoid)]

@@ -18,6 +18,8 @@ def qcore_register_backends() -> list:
             description="x86 int8 (uint8 activations, int8 per-channel weights) lowered to oneDNN kernels",
             is_available=onednn_unavailable_reason,
             hardware=hardware_facts,
+            preference=20,  # where it runs, commands that pick a backend pick this one
+            kernel_library="oneDNN",
             compile_options={
                 # oneDNN's packed weights must be graph constants for Inductor's lowerings
                 "freezing": True,

@@ -2,7 +2,7 @@
 
 qcore, not this list, decides the run order: longer fused patterns before their parts
 (conv -> batch_norm -> relu, then conv -> relu, then conv), then the observer-sharing ops
-(pools, cat), and ``propagate_annotation`` last (empty pattern). Modes follow the seed's op
+(pools, cat), and ``propagate_annotation`` last (priority 0). Modes follow the seed's op
 lists: ``linear`` is the only dynamic annotator; the conv -> batch_norm family runs only for
 QAT configs; everything else runs for static PTQ and QAT configs.
 
@@ -12,8 +12,7 @@ QAT configs; everything else runs for static PTQ and QAT configs.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Optional
+from typing import Callable
 
 import qcore
 from qcore_xnnpack import (
@@ -26,38 +25,18 @@ from qcore_xnnpack import (
     annotate_pool,
     propagate_annotation,
 )
-from qcore_xnnpack.matching import is_dynamic_config
 
-BACKEND = "xnnpack"
 STATIC = frozenset({"static", "qat"})
 STATIC_AND_DYNAMIC = frozenset({"static", "dynamic", "qat"})
-QAT_ONLY = frozenset({"qat_only"})
-
-
-def _not_for_dynamic(fn: Callable[..., list]) -> Callable[..., list]:
-    """Skip a static annotator when a QAT config quantizes activations dynamically.
-
-    qcore runs QAT configs in "qat" mode; a dynamic QAT config must still only quantize linear.
-    """
-
-    @functools.wraps(fn)
-    def run(model: Any, config: Optional[qcore.QuantizationConfig], filter_fn: Any = None) -> list:
-        if is_dynamic_config(config):
-            return []
-        return fn(model, config, filter_fn)
-
-    return run
+QAT_ONLY = frozenset({"qat"})
 
 
 def xnnpack_annotators() -> list[qcore.Annotator]:
     """Every annotator of the XNNPACK recipe."""
 
     def record(name: str, fn: Callable[..., list], pattern: tuple, modes: frozenset = STATIC, shares_input: bool = False) -> qcore.Annotator:
-        if "dynamic" not in modes:
-            fn = _not_for_dynamic(fn)
-        return qcore.Annotator(
-            name=name, fn=fn, pattern=pattern, backends={BACKEND}, modes=modes, shares_input=shares_input
-        )
+        # the pattern's length is the priority: fused patterns claim their nodes first
+        return qcore.Annotator(name=name, fn=fn, priority=len(pattern), modes=modes, shares_input=shares_input)
 
     return [
         record("conv_bn_relu", annotate_conv_bn.annotate_conv_bn_relu, ("conv", "batch_norm", "relu"), QAT_ONLY),

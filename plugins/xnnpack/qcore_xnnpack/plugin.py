@@ -15,6 +15,9 @@ def qcore_register_backends() -> list:
             quantizer_class=XNNPACKQuantizer,
             description="int8 for ExecuTorch's XNNPACK delegate (int8 per-tensor activations, "
             "int8 symmetric per-tensor or per-channel weights, static, dynamic and QAT)",
+            preference=10,
+            kernel_library="XNNPACK",
+            lowered_runs_in_process=False,  # the lowered program is an ExecuTorch .pte
         )
     ]
 
@@ -36,4 +39,4 @@ def lower_pattern(backend: str) -> list:
 
     if executorch_unavailable_reason() is not None:
         return []
-    return [qcore.LoweringPass(name="lower_to_executorch", backend="xnnpack", fn=lower_to_executorch_pass)]
+    return [qcore.LoweringPass(name="lower_to_executorch", fn=lower_to_executorch_pass)]

@@ -14,19 +14,17 @@ import qcore
 
 from qcore_onednn_x86.annotators import avg_pool2d, cat, conv, conv_bn, linear, max_pool2d, reshape
 
-BACKEND = "onednn"
 STATIC = {"static", "qat"}
 WITH_DYNAMIC = {"static", "dynamic", "qat"}
-QAT_ONLY = {"qat_only"}
+QAT_ONLY = {"qat"}
 
 
 def x86_annotators() -> list:
     """Every annotator of the x86 recipe (qcore orders them: fused patterns first)."""
 
     def record(name, fn, pattern, modes=STATIC, shares_input=False):
-        return qcore.Annotator(
-            name=name, fn=fn, pattern=pattern, backends={BACKEND}, modes=modes, shares_input=shares_input
-        )
+        # the pattern's length is the priority: fused patterns claim their nodes first
+        return qcore.Annotator(name=name, fn=fn, priority=len(pattern), modes=modes, shares_input=shares_input)
 
     return [
         record("x86_qat_conv2d_bn_add_relu", conv_bn.annotate_qat_conv2d_bn_add_relu, ("conv2d", "batch_norm", "add", "relu"), QAT_ONLY),

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import qcore
 
-BACKEND = "onednn"
-
 
 def onednn_lowering_passes() -> list:
     """Every lowering pass of the backend (qcore orders them by ``after``)."""
@@ -39,7 +37,7 @@ def onednn_lowering_passes() -> list:
     from qcore_onednn_x86.lowering.unwrap_bf16_autocast_inputs import unwrap_bf16_autocast_inputs
 
     def record(fn, after=()):
-        return qcore.LoweringPass(name=fn.__name__, fn=fn, backend=BACKEND, after=after)
+        return qcore.LoweringPass(name=fn.__name__, fn=fn, after=after)
 
     return [
         record(check_int8_exact_on_cpu),
