@@ -153,7 +153,7 @@ def build_case(case: ModelCase, calibration_batches: int, seed: int = 0) -> tupl
 
 # ----------------------------------------------------------------------------- flows
 def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
-    from qcore.report import sqnr_db as qcore_sqnr
+    from qcore.app.report import sqnr_db as qcore_sqnr
 
     return qcore_sqnr(reference, actual)
 

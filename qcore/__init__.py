@@ -33,7 +33,7 @@ from qcore.pipeline import (
     prepare_qat_pt2e,
 )
 from qcore.plugin_manager import get_plugin_manager
-from qcore.quantize import load, quantize
+from qcore.app.quantize import load, quantize
 
 __all__ = [
     "__version__",

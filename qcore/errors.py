@@ -40,3 +40,19 @@ class CalibrationError(QcoreError, ValueError):
 
 class NotExportedError(QcoreError, TypeError):
     """A verb that needs an exported aten graph got something else."""
+
+
+class QuantizeError(QcoreError):
+    """``qcore.quantize``, ``save`` or ``load`` cannot do what was asked (the message says why)."""
+
+
+class ExportFailedError(QuantizeError):
+    """``torch.export`` could not capture the model."""
+
+
+class CalibrationShapeError(QuantizeError, ValueError):
+    """A calibration batch whose shapes do not match the example inputs."""
+
+
+class CliError(Exception):
+    """A user error the command reports in one line (exit code 1)."""

@@ -146,10 +146,25 @@ class QcorePluginManager:
                     f"known hooks: {', '.join(sorted(_spec_names()))}"
                 )
 
+    def register(self, plugin: Any, name: str) -> None:
+        """Register a module or object of hook implementations by hand (tests; embedding
+        applications), checked like an entry point's; the backend list is re-read."""
+        with self._lock:
+            pm = self.pm
+            pm.register(plugin, name=name)
+            try:
+                self._check_hook_names(pm, name, plugin)
+            except PluginError:
+                pm.unregister(name=name)
+                raise
+            hooks = tuple(sorted(_hook_names_of(pm, plugin)))
+            self._infos[name] = PluginInfo(name, "(registered)", "-", "loaded", hooks=hooks)
+            self._backends = None
+
     # ------------------------------------------------------------------ introspection
     def plugin_infos(self) -> list[PluginInfo]:
         """Every plugin seen: loaded, failed or blocked, with its backends."""
-        self.pm
+        _ = self.pm  # load the plugins
         backends_by_plugin: dict[str, list[str]] = {}
         hardware_by_plugin: dict[str, dict] = {}
         try:

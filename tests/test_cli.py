@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from qcore.cli import format_plugin_table, main
+from qcore.app.cli import main
+from qcore.app.plugin_table import format_plugin_table
 from qcore.errors import PluginError
 
 from plugin_dists import make_plugin_dist
@@ -156,13 +157,17 @@ def test_debug_shows_the_real_exception(broken_site, monkeypatch):
 
 
 # --------------------------------------------------------------------------- usage errors
+def test_an_unknown_walkthrough_quantizer_names_the_installed_backends(capsys):
+    code, out, err = run_cli(capsys, "demo", "--quantizer", "tensorrt")
+    assert code == 1 and "unknown backend 'tensorrt'; installed backends: " in err and "reference" in err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         ([], "missing command"),
         (["plugins", "--yaml"], "unrecognized arguments: --yaml"),
-        (["demo", "--quantizer", "tensorrt"], "invalid choice: 'tensorrt'"),
         (["demo", "--batches", "0"], "expected a positive integer, got 0"),
     ],
 )
@@ -183,20 +188,20 @@ def test_help_and_version_exit_0(capsys):
 
 def test_console_script_is_declared():
     scripts = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
-    assert scripts.get("qcore") == "qcore.cli:main"
+    assert scripts.get("qcore") == "qcore.app.cli:main"
 
 
 def test_command_in_a_real_process_exit_codes_and_clean_stderr(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "qcore.cli", "plugins", "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    ok = subprocess.run([sys.executable, "-m", "qcore.app.cli", "plugins", "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert any(row["name"] == "qcore" for row in json.loads(ok.stdout))
-    bad = subprocess.run([sys.executable, "-m", "qcore.cli", "nope"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    bad = subprocess.run([sys.executable, "-m", "qcore.app.cli", "nope"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_importing_the_cli_loads_no_plugin_and_nothing_heavy():
     code = (
-        "import sys, qcore.cli\n"
+        "import sys, qcore.app.cli\n"
         "heavy = [m for m in sys.modules if m.startswith(('torch._inductor', 'qcore_', 'torchao', 'executorch', 'qcore.testing', 'qcore.observers'))]\n"
         "assert not heavy, heavy\n"
         "from qcore.plugin_manager import get_plugin_manager\n"
@@ -225,27 +230,30 @@ def test_demo_with_the_builtin_toy_quantizer(capsys, fresh_plugin_manager):
     assert _sqnr(out) > 20.0
 
 
-def test_demo_picks_xnnpack_when_installed(capsys, fresh_plugin_manager):
-    pytest.importorskip("qcore_xnnpack")
+def test_walkthrough_auto_takes_the_backend_that_prefers_to_run_here(capsys, fresh_plugin_manager):
+    from qcore.app.demo import pick_backend
+    from qcore.plugin_manager import get_plugin_manager
+
+    chosen, _ = pick_backend("auto")
+    preferences = {b.name: b.preference for b in get_plugin_manager().backends().values()}
+    assert preferences[chosen] == max(preferences.values())
     code, out, err = run_cli(capsys, "demo", "--quantizer", "auto")
     assert code == 0, err
-    assert "XNNPACKQuantizer" in out
+    assert f"{get_plugin_manager().get_backend(chosen).quantizer_class.__name__} (" in out and f"backend {chosen}" in out
     assert re.search(r"quantize_per_tensor x\d+", out)
     assert _sqnr(out) > 20.0
 
 
-def test_demo_falls_back_to_the_toy_quantizer_without_xnnpack(capsys, fresh_plugin_manager, monkeypatch):
-    monkeypatch.setitem(sys.modules, "qcore_xnnpack", None)  # import fails as if not installed
-    monkeypatch.setenv("QCORE_BLOCK_PLUGINS", "xnnpack")  # and its plugin is not loaded
+def test_walkthrough_without_backend_plugins_uses_the_reference_backend(capsys, fresh_plugin_manager, monkeypatch):
+    monkeypatch.setenv("QCORE_BLOCK_PLUGINS", "xnnpack,onednn")  # as if no backend plugin were installed
     code, out, err = run_cli(capsys, "demo", "--quantizer", "auto", "--batches", "1")
     assert code == 0, err
-    assert "ToyLinearQuantizer (built into qcore) (qcore-xnnpack is not installed)" in out
+    assert "ReferenceQuantizer (qcore, backend reference)" in out
 
 
-def test_demo_asking_for_missing_xnnpack_is_a_one_line_error(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "qcore_xnnpack", None)
+def test_walkthrough_asking_for_a_missing_backend_is_a_one_line_error(capsys, monkeypatch):
     monkeypatch.setenv("QCORE_BLOCK_PLUGINS", "xnnpack")
     code, out, err = run_cli(capsys, "demo", "--quantizer", "xnnpack")
     assert code == 1
-    assert err.startswith("qcore: error: the xnnpack backend is not installed") and err.count("\n") == 1
-    assert "pip install qcore[xnnpack]" in err
+    assert err.startswith("qcore: error: unknown backend 'xnnpack'; installed backends: ") and err.count("\n") == 1
+    assert "reference" in err

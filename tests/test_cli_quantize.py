@@ -10,7 +10,8 @@ import textwrap
 
 import pytest
 
-from qcore.cli import main
+from qcore.app.cli import main
+from qcore.testing import requires_backend
 
 USER_MODULE = textwrap.dedent(
     """
@@ -76,6 +77,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+@requires_backend("onednn")
 def test_quantize_writes_program_and_report(capsys, user_module, tmp_path):
     code, out, err = run_cli(
         capsys, "quantize", f"{user_module}:make_model", "--calibration", f"{user_module}:batches",
@@ -91,12 +93,14 @@ def test_quantize_writes_program_and_report(capsys, user_module, tmp_path):
     assert "| conv2d | aten.conv2d | int8 |" in markdown and "onednn.qconv2d_pointwise" in markdown
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no temporaries left
 
-    import qcore, torch
+    import qcore
+    import torch
 
     loaded = qcore.load(tmp_path / "model.pt2")
     assert loaded(torch.randn(4, 1, 8, 8)).shape == (4, 10)
 
 
+@requires_backend("onednn")
 def test_quantize_file_path_spec_labels_and_dynamic_batch(capsys, user_module, tmp_path):
     code, out, err = run_cli(
         capsys, "quantize", str(tmp_path / "qcore_cli_user_models.py") + ":make_model",
@@ -104,13 +108,15 @@ def test_quantize_file_path_spec_labels_and_dynamic_batch(capsys, user_module, t
         "--out", "m.pt2",
     )
     assert code == 0, err
-    import qcore, torch
+    import qcore
+    import torch
 
     loaded = qcore.load(tmp_path / "m.pt2")
     assert loaded.meta["qcore_backend"] == "onednn"
     assert loaded(torch.randn(7, 1, 8, 8)).shape == (7, 10)
 
 
+@requires_backend("onednn")
 def test_quantize_for_another_target_cpu_records_it(capsys, user_module, tmp_path):
     code, out, err = run_cli(
         capsys, "quantize", f"{user_module}:make_model", "--calibration", f"{user_module}:batches",
@@ -119,7 +125,6 @@ def test_quantize_for_another_target_cpu_records_it(capsys, user_module, tmp_pat
     assert code == 0, err
     assert "quantized for onednn (target avx2): " in out
     import qcore
-    from qcore.quantize import QuantizeError
 
     loaded = qcore.load(tmp_path / "m.pt2")
     assert loaded.meta["qcore_target"] == "avx2"
@@ -127,6 +132,7 @@ def test_quantize_for_another_target_cpu_records_it(capsys, user_module, tmp_pat
     assert weight_ranges == {(-91, 91)}  # the pair-safe x86 weights, whatever this CPU is
 
 
+@requires_backend("onednn")
 def test_explain_lists_integer_kernels_and_float_ops(capsys, user_module):
     code, out, err = run_cli(capsys, "explain", f"{user_module}:make_model", "--calibration", f"{user_module}:batches")
     assert code == 0, err
@@ -151,6 +157,7 @@ def test_explain_lists_integer_kernels_and_float_ops(capsys, user_module):
          r"backend 'onednn': unknown target CPU 'z80': expected one of amx, avx512_vnni, avx_vnni, avx2"),
     ],
 )
+@requires_backend("onednn")
 def test_errors_are_one_line_nonzero_and_leave_nothing(capsys, user_module, tmp_path, argv, message):
     argv = [a.format(m=user_module) for a in argv]
     if "--out" not in argv:
@@ -174,10 +181,11 @@ def test_unwritable_report_dir_leaves_no_model(capsys, user_module, tmp_path):
     assert not (tmp_path / "model.pt2").exists()
 
 
+@requires_backend("onednn")
 def test_demo_on_digits_in_a_real_process(tmp_path):
     """What README command 1 runs: train on digits, quantize, lower, compare, write the report."""
     done = subprocess.run(
-        [sys.executable, "-m", "qcore.cli", "demo", "--report", str(tmp_path / "report")],
+        [sys.executable, "-m", "qcore.app.cli", "demo", "--report", str(tmp_path / "report")],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )
     assert done.returncode == 0, done.stderr
@@ -195,6 +203,7 @@ def test_demo_on_digits_in_a_real_process(tmp_path):
 
 
 # --------------------------------------------------------------------------- --qat
+@requires_backend("onednn")
 def test_quantize_qat_trains_on_labelled_batches_and_says_so(capsys, user_module, tmp_path):
     code, out, err = run_cli(
         capsys, "quantize", f"{user_module}:make_model", "--calibration", f"{user_module}:labelled_batches",
@@ -206,7 +215,8 @@ def test_quantize_qat_trains_on_labelled_batches_and_says_so(capsys, user_module
     ), out
     assert "quantized for onednn: 3 of 4 compute nodes run on int8 inputs" in out
     assert "Quantization-aware training: built-in loop: 2 epochs" in (tmp_path / "rep" / "report.md").read_text()
-    import qcore, torch
+    import qcore
+    import torch
 
     assert qcore.load(tmp_path / "model.pt2")(torch.randn(4, 1, 8, 8)).shape == (4, 10)
 

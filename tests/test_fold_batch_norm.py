@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import qcore
+from qcore.testing import requires_backend
 from qcore.passes.fold_batch_norm import fold_batch_norm
 from qcore.graph_copy import copy_graph_module
 
@@ -47,6 +48,7 @@ def test_folding_keeps_the_float_math_and_removes_batch_norm(name, make, shape):
     assert any(n.target is aten.batch_norm.default for n in exported.graph.nodes)  # the input is untouched
 
 
+@requires_backend("onednn")
 def test_prepare_pt2e_folds_and_annotates_conv_relu():
     from qcore_xnnpack import XNNPACKQuantizer, get_symmetric_quantization_config
 

@@ -90,7 +90,7 @@ def test_wheels_carry_versions_extras_entry_points_and_console_script(wheels):
             assert f"{entry_name} = {package}.plugin" in entry_points
             assert f"{package}/plugin.py" in names
         else:
-            assert "[console_scripts]" in entry_points and "qcore = qcore.cli:main" in entry_points
+            assert "[console_scripts]" in entry_points and "qcore = qcore.app.cli:main" in entry_points
     with zipfile.ZipFile(wheels["qcore"]) as zf:
         kernels = [n for n in zf.namelist() if n.startswith("qcore/observers/_search_kernel") and n.endswith(".so")]
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
@@ -167,7 +167,10 @@ def test_readme_opens_with_the_demo_and_the_test_command_that_ci_runs():
     assert demo.endswith("&& qcore demo") and "torch==2.13.0" in demo
     assert "python -m pytest" in tests and "torch==2.13.0" in tests and "QCORE_STRICT_PLUGINS=1" in tests
     ci_commands = [c for c in _commands((REPO / ".ci" / "run").read_text()) if not c.startswith(("set ", "cd "))]
-    assert ci_commands == [tests], ".ci/run must run exactly the README's test command"
+    assert ci_commands[0] == tests, ".ci/run must run exactly the README's test command first"
+    assert ci_commands[1:] == [
+        'python -m pip install "tox>=4,<5" "ruff>=0.6,<1"', "ruff check .", 'python -m tox -e core -- -m "not slow"'
+    ], "after it, .ci/run only lints and runs the core alone"
 
 
 def test_readme_quickstart_runs(capsys, fresh_plugin_manager):

@@ -134,7 +134,7 @@ def register_more():
         pm.get_backend("tyo")
     message = str(info.value)
     assert "unknown backend 'tyo'" in message
-    assert "installed backends: toy" in message
+    assert "installed backends: reference, toy" in message
     assert "gpu_only (needs a GPU)" in message
 
 

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import qcore
+from qcore.testing import requires_backend
+from qcore.metrics import sqnr_db
 from qcore.errors import UnknownBackendError
-from qcore.quantize import CalibrationShapeError, ExportFailedError, QuantizeError
+from qcore.errors import CalibrationShapeError, ExportFailedError, QuantizeError
 
 
 class SmallCNN(torch.nn.Module):
@@ -50,6 +52,7 @@ def cnn_result():
     return model, qcore.quantize(model, batches(1)[0], backend="onednn", calibration=batches(), measure_latency=False)
 
 
+@requires_backend("onednn")
 def test_quantize_onednn_lowers_to_integer_kernels(cnn_result):
     model, result = cnn_result
     x = batches(1)[0]
@@ -57,8 +60,8 @@ def test_quantize_onednn_lowers_to_integer_kernels(cnn_result):
     assert kinds["onednn.qconv2d_pointwise"] == "integer kernel"
     assert kinds["onednn.qlinear_pointwise"] == "integer kernel"
     with torch.no_grad():
-        assert qcore.report.sqnr_db(model(*x), result.lowered(*x)) > 20
-        assert qcore.report.sqnr_db(result.converted(*x), result.lowered(*x)) > 30
+        assert sqnr_db(model(*x), result.lowered(*x)) > 20
+        assert sqnr_db(result.converted(*x), result.lowered(*x)) > 30
     quantized = {n.name for n in result.report.nodes if n.quantized}
     assert {"conv2d", "linear", "max_pool2d"} <= quantized
     relu = next(n for n in result.report.nodes if n.name == "relu")
@@ -70,11 +73,12 @@ def test_quantize_onednn_lowers_to_integer_kernels(cnn_result):
 def test_quantize_does_not_change_the_model():
     model = SmallCNN().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    qcore.quantize(model, batches(1)[0], calibration=batches(2), measure_latency=False)
+    qcore.quantize(model, batches(1)[0], calibration=batches(2), measure_latency=False, backend="reference")
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@requires_backend("xnnpack")
 def test_quantize_xnnpack_uses_its_per_channel_default_config():
     model = SmallCNN().eval()
     result = qcore.quantize(model, batches(1)[0], backend="xnnpack", calibration=batches(2), measure_latency=False, lower=False)
@@ -83,6 +87,7 @@ def test_quantize_xnnpack_uses_its_per_channel_default_config():
     assert result.lowered is None and result.model is result.converted
 
 
+@requires_backend("onednn")
 def test_quantize_qat_runs_and_converts():
     model = SmallCNN()
     labelled = [(x, torch.randint(0, 10, (4,))) for (x,) in batches(2)]
@@ -91,6 +96,7 @@ def test_quantize_qat_runs_and_converts():
     assert result.report.training.epochs == 1 and len(result.report.training.epoch_losses) == 1
 
 
+@requires_backend("onednn")
 def test_unknown_backend_lists_installed():
     with pytest.raises(UnknownBackendError, match=r"unknown backend 'tpu'; installed backends: .*onednn.*xnnpack"):
         qcore.quantize(SmallCNN(), batches(1)[0], backend="tpu")
@@ -99,29 +105,30 @@ def test_unknown_backend_lists_installed():
 def test_wrong_calibration_shape_names_expected_and_got():
     wrong = [(torch.randn(4, 1, 8, 8),), (torch.randn(4, 64),)]
     with pytest.raises(CalibrationShapeError, match=r"batch 1, input 0: expected shape \(4, 1, 8, 8\) .*got \(4, 64\)"):
-        qcore.quantize(SmallCNN().eval(), batches(1)[0], calibration=wrong)
+        qcore.quantize(SmallCNN().eval(), batches(1)[0], calibration=wrong, backend="reference")
 
 
 def test_wrong_batch_size_suggests_dynamic_shapes():
     with pytest.raises(CalibrationShapeError, match="got \\(2, 1, 8, 8\\); make the batch dimension dynamic"):
-        qcore.quantize(SmallCNN().eval(), batches(1)[0], calibration=batches(1, batch=2))
+        qcore.quantize(SmallCNN().eval(), batches(1)[0], calibration=batches(1, batch=2), backend="reference")
 
 
 def test_calibration_batches_may_carry_labels():
     labelled = [(x, torch.zeros(4, dtype=torch.long)) for (x,) in batches(2)]
-    result = qcore.quantize(SmallCNN().eval(), batches(1)[0], calibration=labelled, measure_latency=False)
+    result = qcore.quantize(SmallCNN().eval(), batches(1)[0], calibration=labelled, measure_latency=False, backend="reference")
     assert any(n.quantized for n in result.report.nodes)
 
 
 def test_export_failure_explains_error_line_and_hint():
     with pytest.raises(ExportFailedError) as info:
-        qcore.quantize(Branchy(), (torch.randn(2, 4),))
+        qcore.quantize(Branchy(), (torch.randn(2, 4),), backend="reference")
     message = str(info.value)
     assert message.startswith("torch.export could not capture Branchy: ")
     assert "test_quantize.py" in message and "x.sum() > 0" in message
     assert "hint:" in message and "torch.cond" in message
 
 
+@requires_backend("onednn")
 def test_save_load_roundtrip_in_a_new_process(cnn_result, tmp_path):
     _, result = cnn_result
     path = tmp_path / "model.pt2"
@@ -148,6 +155,7 @@ def test_save_load_roundtrip_in_a_new_process(cnn_result, tmp_path):
     assert "identical" in done.stdout
 
 
+@requires_backend("onednn")
 def test_save_to_unwritable_path_is_a_clear_error_and_leaves_nothing(cnn_result, tmp_path):
     _, result = cnn_result
     with pytest.raises(QuantizeError, match="cannot write .*does not exist"):
@@ -167,6 +175,7 @@ def test_save_to_unwritable_path_is_a_clear_error_and_leaves_nothing(cnn_result,
         locked.chmod(0o700)
 
 
+@requires_backend("onednn")
 def test_save_failure_midway_leaves_no_file(cnn_result, tmp_path, monkeypatch):
     _, result = cnn_result
 
@@ -181,11 +190,12 @@ def test_save_failure_midway_leaves_no_file(cnn_result, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@requires_backend("onednn")
 def test_dynamic_batch_through_quantize_save_load_and_lower(tmp_path):
     batch = torch.export.Dim("batch", min=1, max=256)
     model = SmallCNN().eval()
     calibration = [(torch.randn(n, 1, 8, 8),) for n in (3, 5, 8)]
-    result = qcore.quantize(model, batches(1)[0], calibration=calibration, dynamic_shapes=({0: batch},), measure_latency=False)
+    result = qcore.quantize(model, batches(1)[0], calibration=calibration, dynamic_shapes=({0: batch},), measure_latency=False, backend="onednn")
     for n in (1, 7):
         x = torch.randn(n, 1, 8, 8)
         assert result.lowered(x).shape == (n, 10)
@@ -203,6 +213,8 @@ def test_load_missing_file(tmp_path):
         qcore.load(tmp_path / "nope.pt2")
 
 
+@requires_backend("onednn")
+@requires_backend("xnnpack")
 def test_readme_one_call_quickstart_runs(tmp_path, monkeypatch, capsys):
     from pathlib import Path
     import re as regex
@@ -219,6 +231,7 @@ def test_readme_one_call_quickstart_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "model.pt2").is_file() and (tmp_path / "report" / "sqnr.png").is_file()
 
 
+@requires_backend("onednn")
 def test_saved_program_holds_int8_weights_not_the_float_ones(cnn_result, tmp_path):
     _, result = cnn_result
     before = {name for name, _ in result.converted.named_parameters()}
@@ -231,6 +244,7 @@ def test_saved_program_holds_int8_weights_not_the_float_ones(cnn_result, tmp_pat
     assert {name for name, _ in result.converted.named_parameters()} == before  # the result is not changed
 
 
+@requires_backend("onednn")
 def test_progress_wraps_export_calibration_and_lowering():
     stages = []
 
@@ -238,5 +252,5 @@ def test_progress_wraps_export_calibration_and_lowering():
         stages.append(desc)
         return iterable
 
-    qcore.quantize(SmallCNN().eval(), batches(1)[0], calibration=batches(2), progress=progress, measure_latency=False)
+    qcore.quantize(SmallCNN().eval(), batches(1)[0], calibration=batches(2), progress=progress, measure_latency=False, backend="onednn")
     assert stages == ["export", "calibrate", "lower"]

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import qcore
-from qcore.qat_training import QATError
+from qcore.testing import requires_backend
+from qcore.app.qat_training import QATError
 
 pytest.importorskip("sklearn")
 
-from qcore.demo import accuracy, load_digits_split, train  # noqa: E402
+from qcore.app.demo import accuracy, load_digits_split, train  # noqa: E402
 
 BATCH = 64
 
@@ -72,15 +73,16 @@ def ptq_and_qat(digits, undertrained):
     state_before = copy.deepcopy(undertrained.state_dict())
     ptq = qcore.quantize(
         undertrained, (x_train[:BATCH],), calibration=[(x,) for x, _ in labelled_batches(digits)[:8]],
-        dynamic_shapes=dynamic_batch(), measure_latency=False,
+        dynamic_shapes=dynamic_batch(), measure_latency=False, backend="onednn"
     )
     qat = qcore.quantize(
         undertrained, (x_train[:BATCH],), calibration=labelled_batches(digits), qat=True, qat_epochs=3, qat_lr=2e-3,
-        dynamic_shapes=dynamic_batch(), measure_latency=False,
+        dynamic_shapes=dynamic_batch(), measure_latency=False, backend="onednn"
     )
     return ptq, qat, state_before
 
 
+@requires_backend("onednn")
 def test_builtin_qat_lowers_the_loss_and_beats_ptq(digits, undertrained, ptq_and_qat):
     _, _, x_test, y_test = digits
     ptq, qat, _ = ptq_and_qat
@@ -101,6 +103,7 @@ def test_builtin_qat_lowers_the_loss_and_beats_ptq(digits, undertrained, ptq_and
     assert not [n for n in qat.converted.graph.nodes if "batch_norm" in str(n.target)]  # folded back into the conv
 
 
+@requires_backend("onednn")
 def test_qat_trains_a_copy_and_leaves_the_model_alone(undertrained, ptq_and_qat):
     _, _, state_before = ptq_and_qat
     state_after = undertrained.state_dict()
@@ -110,6 +113,7 @@ def test_qat_trains_a_copy_and_leaves_the_model_alone(undertrained, ptq_and_qat)
     assert not undertrained.training and not any(m.training for m in undertrained.modules())
 
 
+@requires_backend("onednn")
 def test_report_says_qat_was_used(ptq_and_qat, tmp_path):
     ptq, qat, _ = ptq_and_qat
     assert ptq.report.training is None and "Quantization-aware" not in ptq.report.to_markdown()
@@ -158,8 +162,8 @@ def test_train_fn_gets_the_prepared_copy_in_train_mode_and_its_training_is_kept(
 
     before = copy.deepcopy(model.state_dict())
     with torch.no_grad():  # the caller's no_grad does not reach the training loop
-        result = qcore.quantize(model, X, qat=True, train_fn=shrink_outputs, measure_latency=False)
-        ptq = qcore.quantize(model, X, measure_latency=False)
+        result = qcore.quantize(model, X, qat=True, train_fn=shrink_outputs, measure_latency=False, backend="reference")
+        ptq = qcore.quantize(model, X, measure_latency=False, backend="reference")
     assert len(calls) == 1
     _, training_mode, grad_enabled = calls[0]
     assert training_mode and grad_enabled
@@ -174,9 +178,10 @@ def test_train_fn_gets_the_prepared_copy_in_train_mode_and_its_training_is_kept(
 
 def test_train_fn_that_returns_another_module_is_an_error():
     with pytest.raises(QATError, match="train_fn .*returned a Sequential: it must train the module it is given in place and return None"):
-        qcore.quantize(Small(), X, qat=True, train_fn=lambda prepared: torch.nn.Sequential(), measure_latency=False)
+        qcore.quantize(Small(), X, qat=True, train_fn=lambda prepared: torch.nn.Sequential(), measure_latency=False, backend="reference")
 
 
+@requires_backend("onednn")
 def test_progress_names_each_qat_epoch():
     stages = []
 
@@ -184,7 +189,7 @@ def test_progress_names_each_qat_epoch():
         stages.append(desc)
         return iterable
 
-    qcore.quantize(Small(), X, qat=True, qat_epochs=2, calibration=small_batches(), progress=progress, measure_latency=False)
+    qcore.quantize(Small(), X, qat=True, qat_epochs=2, calibration=small_batches(), progress=progress, measure_latency=False, backend="onednn")
     assert stages == ["export", "QAT epoch 1/2", "QAT epoch 2/2", "lower"]
 
 
@@ -196,9 +201,9 @@ def test_one_epoch_over_a_generator_and_custom_loss():
         return torch.nn.functional.mse_loss(output, target)
 
     generator = ((x, torch.randn(8, 4)) for x, _ in small_batches())
-    result = qcore.quantize(Small(), X, qat=True, qat_epochs=1, loss_fn=loss_fn, calibration=generator, measure_latency=False)
+    result = qcore.quantize(Small(), X, qat=True, qat_epochs=1, loss_fn=loss_fn, calibration=generator, measure_latency=False, backend="reference")
     assert seen == [torch.Size([8, 4])] * 3
-    assert result.report.training.loss_fn.endswith("loss_fn") and result.report.training.lr == qcore.qat_training.DEFAULT_QAT_LR
+    assert result.report.training.loss_fn.endswith("loss_fn") and result.report.training.lr == qcore.app.qat_training.DEFAULT_QAT_LR
     assert not result.report.training.frozen_last_epoch
 
 
@@ -226,12 +231,12 @@ def test_one_epoch_over_a_generator_and_custom_loss():
 )
 def test_bad_qat_options_are_clear_errors(options, message):
     with pytest.raises(QATError, match=message):
-        qcore.quantize(Small(), X, measure_latency=False, **options)
+        qcore.quantize(Small(), X, backend="reference", measure_latency=False, **options)
 
 
 def test_qat_must_be_a_bool():
     with pytest.raises(TypeError, match="qat must be True or False, got 'yes'"):
-        qcore.quantize(Small(), X, qat="yes")
+        qcore.quantize(Small(), X, qat="yes", backend="reference")
 
 
 @pytest.mark.parametrize(
@@ -244,23 +249,23 @@ def test_qat_must_be_a_bool():
 )
 def test_batches_without_targets_are_an_error(calibration, message):
     with pytest.raises(QATError, match=message):
-        qcore.quantize(Small(), X, qat=True, qat_epochs=1, calibration=calibration, measure_latency=False)
+        qcore.quantize(Small(), X, qat=True, qat_epochs=1, calibration=calibration, measure_latency=False, backend="reference")
 
 
 def test_wrong_shape_in_a_qat_batch_names_the_batch():
-    from qcore.quantize import CalibrationShapeError
+    from qcore.errors import CalibrationShapeError
 
     bad = small_batches(2) + [(torch.randn(8, 3), torch.zeros(8, dtype=torch.long))]
     with pytest.raises(CalibrationShapeError, match=r"calibration batch 2, input 0: expected shape \(8, 8\)"):
-        qcore.quantize(Small(), X, qat=True, qat_epochs=1, calibration=bad, measure_latency=False)
+        qcore.quantize(Small(), X, qat=True, qat_epochs=1, calibration=bad, measure_latency=False, backend="reference")
 
 
 def test_diverging_or_non_scalar_loss_is_an_error():
     with pytest.raises(QATError, match=r"QAT loss is nan at epoch 1, batch 0: training diverged; lower qat_lr \(now 0.0001\)"):
-        qcore.quantize(Small(), X, qat=True, qat_epochs=1, calibration=small_batches(), loss_fn=lambda out, y: out.sum() * float("nan"), measure_latency=False)
+        qcore.quantize(Small(), X, qat=True, qat_epochs=1, calibration=small_batches(), loss_fn=lambda out, y: out.sum() * float("nan"), measure_latency=False, backend="reference")
     per_sample = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
     with pytest.raises(QATError, match=r"loss_fn <lambda> must return a scalar tensor, got a tensor of shape \(8,\)"):
-        qcore.quantize(Small(), X, qat=True, qat_epochs=1, calibration=small_batches(), loss_fn=per_sample, measure_latency=False)
+        qcore.quantize(Small(), X, qat=True, qat_epochs=1, calibration=small_batches(), loss_fn=per_sample, measure_latency=False, backend="reference")
 
 
 def test_a_reiterable_is_read_once_per_epoch():
@@ -275,10 +280,11 @@ def test_a_reiterable_is_read_once_per_epoch():
             return iter(small_batches())
 
     data = Epochs()
-    result = qcore.quantize(Small(), X, qat=True, qat_epochs=3, calibration=data, measure_latency=False)
+    result = qcore.quantize(Small(), X, qat=True, qat_epochs=3, calibration=data, measure_latency=False, backend="reference")
     assert data.started == 3 and result.report.training.batches_per_epoch == 3
 
 
+@requires_backend("onednn")
 def test_readme_qat_example_runs(capsys):
     import re
     from pathlib import Path
@@ -293,6 +299,7 @@ def test_readme_qat_example_runs(capsys):
     assert namespace["result"].report.training.method == "train_fn"
 
 
+@requires_backend("onednn")
 def test_report_lists_compute_nodes_not_batch_norm_bookkeeping(ptq_and_qat):
     _, qat, _ = ptq_and_qat
     names = [n.name for n in qat.report.nodes]
@@ -303,4 +310,4 @@ def test_report_lists_compute_nodes_not_batch_norm_bookkeeping(ptq_and_qat):
 def test_targets_the_loss_cannot_use_are_an_error_naming_the_shapes():
     wrong = [(x, torch.randn(8, 3)) for x, _ in small_batches()]  # cross-entropy wants 4 classes or class indices
     with pytest.raises(QATError, match=r"loss_fn cross_entropy\(output, \*targets\) failed on QAT batch 0: RuntimeError: .*\(output float32 \(8, 4\), target\(s\) float32 \(8, 3\)\)"):
-        qcore.quantize(Small(), X, qat=True, qat_epochs=1, calibration=wrong, measure_latency=False)
+        qcore.quantize(Small(), X, qat=True, qat_epochs=1, calibration=wrong, measure_latency=False, backend="reference")

@@ -5,6 +5,7 @@ Markdown and PNG (readable for a 300-node model), explain, demo fallback."""
 from __future__ import annotations
 
 import io
+import types
 import math
 import struct
 
@@ -12,8 +13,9 @@ import pytest
 import torch
 
 import qcore
+from qcore.testing import requires_backend
 from qcore.graph_copy import copy_graph_module
-from qcore.report import NodeReport, QuantizationReport, build_report, sqnr_db
+from qcore.app.report import NodeReport, QuantizationReport, build_report, sqnr_db
 
 
 class Mixed(torch.nn.Module):
@@ -35,6 +37,7 @@ def mixed_result():
     return qcore.quantize(Mixed().eval(), calibration[0], backend="onednn", calibration=calibration)
 
 
+@requires_backend("onednn")
 def test_nodes_say_quantized_or_float_and_why(mixed_result):
     nodes = {n.name: n for n in mixed_result.report.nodes}
     assert nodes["linear"].quantized and nodes["linear_1"].quantized
@@ -43,10 +46,11 @@ def test_nodes_say_quantized_or_float_and_why(mixed_result):
     assert nodes["sigmoid"].sqnr_db is None
 
 
+@requires_backend("onednn")
 def test_node_sqnr_pairs_float_and_quantized_nodes_by_name(mixed_result):
     x = torch.randn(4, 8)
     exported, converted = mixed_result.exported, mixed_result.converted
-    from qcore.report import _record
+    from qcore.app.report import _record
 
     _, float_outputs = _record(exported, (x,))
     _, quant_outputs = _record(converted, (x,))
@@ -64,12 +68,14 @@ def test_sqnr_db_edge_cases():
     assert abs(sqnr_db(torch.ones(4), torch.ones(4) * 1.1) - 20.0) < 1e-4
 
 
+@requires_backend("onednn")
 def test_latency_and_speedup(mixed_result):
     latency = mixed_result.report.latency_ms
     assert latency["float"] > 0 and latency["quantized"] > 0
     assert mixed_result.report.speedup == pytest.approx(latency["float"] / latency["quantized"])
 
 
+@requires_backend("onednn")
 def test_write_markdown_and_png(mixed_result, tmp_path):
     mixed_result.report.accuracy = {"float": 0.9, "quantized": 0.875}
     path = mixed_result.report.write(tmp_path / "out")
@@ -83,6 +89,7 @@ def test_write_markdown_and_png(mixed_result, tmp_path):
     assert png.startswith(b"\x89PNG") and len(png) > 2000
 
 
+@requires_backend("onednn")
 def test_explain_names_integer_kernels_and_float_ops(mixed_result):
     text = mixed_result.report.explain()
     assert "integer kernels: onednn.qlinear_pointwise x2" in text
@@ -90,19 +97,36 @@ def test_explain_names_integer_kernels_and_float_ops(mixed_result):
     assert "sigmoid (aten.sigmoid): float: no onednn annotator handles aten.sigmoid" in text
 
 
+@requires_backend("xnnpack")
 def test_demo_falls_back_to_xnnpack_without_onednn(monkeypatch, fresh_plugin_manager, tmp_path):
     monkeypatch.setenv("QCORE_BLOCK_PLUGINS", "onednn")
-    from qcore.demo import run_digits_demo
+    from qcore.app.demo import run_digits_demo
 
     out = io.StringIO()
     result = run_digits_demo(report_dir=str(tmp_path / "rep"), out=out)
     text = out.getvalue()
-    assert result.backend == "xnnpack"
-    assert "quantized with backend xnnpack (onednn unavailable: " in text
+    assert result.backend == "xnnpack"  # preference 10 beats the reference backend's 0
+    assert "quantized with backend xnnpack:" in text and "kept as the q/dq program" in text
     assert (tmp_path / "rep" / "report.md").exists()
 
 
+GPU_ONLY_PLUGIN = types.SimpleNamespace(
+    qcore_register_backends=qcore.hookimpl(
+        lambda: [qcore.Backend(name="gpu_only", quantizer_class=object, preference=1000, is_available=lambda: "needs a GPU")]
+    )
+)
+
+
+def test_auto_backend_skips_an_unavailable_preferred_one_and_says_why(register_qcore_plugin):
+    from qcore.app.demo import pick_backend
+
+    register_qcore_plugin(GPU_ONLY_PLUGIN, "gpu_only_plugin")
+    name, note = pick_backend("auto")
+    assert name != "gpu_only" and note.startswith(" (gpu_only unavailable: needs a GPU")
+
+
 # --------------------------------------------------------------------------- the model that runs
+@requires_backend("onednn")
 def test_model_sqnr_is_measured_on_the_lowered_program(mixed_result):
     exported, converted, lowered = mixed_result.exported, mixed_result.converted, mixed_result.lowered
     x = (torch.randn(4, 8, generator=torch.Generator().manual_seed(1)),)
@@ -127,6 +151,7 @@ def _scaled_output(module, factor: float):
     return broken
 
 
+@requires_backend("onednn")
 def test_a_lowering_error_shows_in_the_model_sqnr_not_hidden_behind_the_qdq_figure(mixed_result):
     broken = _scaled_output(mixed_result.lowered, 1.1)  # 10% off everywhere: at most 20 dB
     x = (torch.randn(4, 8, generator=torch.Generator().manual_seed(1)),)
@@ -138,6 +163,7 @@ def test_a_lowering_error_shows_in_the_model_sqnr_not_hidden_behind_the_qdq_figu
     assert f"  - q/dq program: {report.qdq_sqnr_db:.1f} dB\n" in markdown
 
 
+@requires_backend("onednn")
 def test_without_lowering_the_model_sqnr_is_the_qdq_programs(mixed_result):
     x = (torch.randn(4, 8, generator=torch.Generator().manual_seed(1)),)
     report = build_report(mixed_result.exported, mixed_result.converted, None, "onednn", x, measure_latency=False)
@@ -148,6 +174,7 @@ def test_without_lowering_the_model_sqnr_is_the_qdq_programs(mixed_result):
     assert "lowered, what runs" not in markdown
 
 
+@requires_backend("onednn")
 def test_markdown_and_explain_give_the_lowered_and_the_qdq_sqnr(mixed_result):
     report = mixed_result.report
     assert report.lowered_sqnr_db is not None and report.model_sqnr_db == report.lowered_sqnr_db
@@ -168,6 +195,7 @@ AVX2_FACTS = {
 }
 
 
+@requires_backend("onednn")
 def test_build_report_records_the_hardware_as_given(mixed_result):
     facts = dict(AVX2_FACTS, describe="AMD EPYC: AVX2 without VNNI, int8 pair sums saturate (7-bit weights)")
     x = (torch.randn(4, 8),)

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 import qcore
+from qcore.testing import requires_backend
 from qcore.passes.conv_bn_patterns import batch_norm_output
-from qcore.report import _record, folded_batch_norm, sqnr_db
+from qcore.app.report import _record, folded_batch_norm, sqnr_db
 
 
 class ConvBnBlock(nn.Module):
@@ -90,6 +91,7 @@ def resnet_result() -> qcore.QuantizeResult:
     return quantize_with_calibration(with_trained_batch_norms(TinyResNet(), shape), shape)
 
 
+@requires_backend("onednn")
 def test_every_node_of_a_conv_bn_block_is_within_3_db_of_the_model(block_result):
     report = block_result.report
     quantized = [node for node in report.nodes if node.quantized]
@@ -99,6 +101,7 @@ def test_every_node_of_a_conv_bn_block_is_within_3_db_of_the_model(block_result)
         assert node.sqnr_db is not None and abs(node.sqnr_db - report.qdq_sqnr_db) < 3.0, (node, report.qdq_sqnr_db)
 
 
+@requires_backend("onednn")
 def test_conv_sqnr_is_taken_after_the_batch_norm_folded_into_it(resnet_result):
     report = resnet_result.report
     nodes = {node.name: node for node in report.nodes}
@@ -114,6 +117,7 @@ def test_conv_sqnr_is_taken_after_the_batch_norm_folded_into_it(resnet_result):
         assert bn.reason == f"folded away by convert into {conv.name} (its SQNR is taken after this batch norm)"
 
 
+@requires_backend("onednn")
 def test_the_float_conv_output_is_not_what_the_converted_conv_computes(resnet_result):
     """The old pairing (converted conv vs float conv, before batch norm) fails the 25 dB above."""
     sample = (torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)),)
@@ -125,6 +129,7 @@ def test_the_float_conv_output_is_not_what_the_converted_conv_computes(resnet_re
         assert sqnr_db(float_outputs[bn], quant_outputs[conv]) > 25
 
 
+@requires_backend("onednn")
 def test_per_node_sqnr_is_accumulated_error_not_a_copy_of_the_models(resnet_result):
     """In the deeper model the figures spread (reported, not hidden): the stem conv, with the least
     error behind it, is above the deepest conv; every figure stays a plausible int8 one."""
@@ -133,6 +138,7 @@ def test_per_node_sqnr_is_accumulated_error_not_a_copy_of_the_models(resnet_resu
     assert all(25 < node.sqnr_db < 60 for node in nodes.values() if node.quantized)
 
 
+@requires_backend("onednn")
 def test_markdown_says_which_node_a_folded_conv_is_compared_with(resnet_result):
     markdown = resnet_result.report.to_markdown()
     conv = next(node for node in resnet_result.report.nodes if node.name == "conv2d_1")

@@ -143,7 +143,7 @@ def test_broken_plugin_warns_naming_plugin_distribution_and_error(monkeypatch):
 
 @needs_broken_example
 def test_broken_plugin_is_failed_in_qcore_plugins_json_and_others_still_work(monkeypatch, capsys):
-    from qcore.cli import main
+    from qcore.app.cli import main
 
     monkeypatch.delenv("QCORE_STRICT_PLUGINS", raising=False)
     monkeypatch.delenv("QCORE_BLOCK_PLUGINS", raising=False)
@@ -174,7 +174,7 @@ VENV_SCRIPT = textwrap.dedent(
     """
     import contextlib, io, json, os, warnings
     import torch, qcore
-    from qcore.cli import main
+    from qcore.app.cli import main
     from qcore.errors import PluginError
     from qcore.plugin_manager import PluginLoadWarning, set_plugin_manager
 

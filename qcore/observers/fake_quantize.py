@@ -268,7 +268,7 @@ class FixedQParamsFakeQuantize(FakeQuantize):
             raise TypeError(
                 f"FixedQParamsFakeQuantize needs a FixedQParamsObserver, got {type(post).__name__}"
             )
-        if not self.qscheme in PER_TENSOR_QSCHEMES:
+        if self.qscheme not in PER_TENSOR_QSCHEMES:
             raise ValueError(f"FixedQParamsFakeQuantize supports per-tensor qschemes only, got {self.qscheme}")
         self._observer_ctr = observer
         self.scale = post.scale

@@ -1,6 +1,6 @@
 """The conformance suite every backend plugin runs against itself.
 
-Subclass :class:`BackendConformance` in the plugin's tests and say how to build its quantizer::
+Subclass :class:`BackendConformance` in the plugin's tests and name the backend::
 
     # plugins/mybackend/tests/test_conformance.py
     from qcore.testing.conformance import BackendConformance
@@ -8,13 +8,12 @@ Subclass :class:`BackendConformance` in the plugin's tests and say how to build 
     class TestMyBackendConformance(BackendConformance):
         backend = "mybackend"
 
-        def make_quantizer(self):
-            return MyQuantizer().set_global(my_default_config())
-
-pytest collects the inherited tests: the backend registers through its entry point, annotates a
-small CNN and MLP, never re-annotates, and prepare/convert round-trips with SQNR above
-``min_sqnr_db``; if the backend has lowering passes, the lowered model agrees with the
-converted one.
+pytest collects the inherited tests: the backend registers through its entry point, its
+quantizer's ``default_config()`` gives PTQ and QAT configs, it annotates a small CNN and MLP,
+never re-annotates, prepare/convert round-trips with SQNR above ``min_sqnr_db`` (PTQ and QAT),
+save -> load keeps the outputs, the lowered model agrees with the converted one and lowering it
+again changes nothing. A feature the backend does not have (no lowering passes, no QAT config)
+is a skip that says so, never a pass. Override ``make_quantizer(is_qat)`` to test another config.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from qcore.annotation import ANNOTATION_KEY
+from qcore.metrics import sqnr_db
 
 
 class SmallCNN(torch.nn.Module):
@@ -64,15 +64,6 @@ class SmallMLP(torch.nn.Module):
         return (torch.randn(8, 32),)
 
 
-def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio of ``actual`` against ``reference``, in dB."""
-    noise = (reference.float() - actual.float()).pow(2).mean()
-    signal = reference.float().pow(2).mean()
-    if noise == 0:
-        return float("inf")
-    return float(10 * torch.log10(signal / noise))
-
-
 def _annotation_snapshot(gm: torch.fx.GraphModule) -> dict:
     out = {}
     for node in gm.graph.nodes:
@@ -106,8 +97,24 @@ class BackendConformance:
     min_sqnr_db: float = 25.0
     models: tuple = (SmallCNN, SmallMLP)
 
-    def make_quantizer(self) -> Any:  # pragma: no cover - the subclass says
-        raise TypeError(f"{type(self).__name__} must implement make_quantizer()")
+    def make_quantizer(self, is_qat: bool = False) -> Any:
+        """The backend's quantizer with its ``default_config(is_qat=...)`` (override for another)."""
+        from qcore.plugin_manager import get_plugin_manager
+
+        if not self.backend:
+            raise TypeError(f"{type(self).__name__} must set backend = '<a backend name>'")
+        quantizer_class = get_plugin_manager().get_backend(self.backend).quantizer_class
+        return quantizer_class().set_global(quantizer_class.default_config(is_qat=is_qat))
+
+    def _lowering_passes_or_skip(self) -> list:
+        import pytest
+
+        from qcore.plugin_manager import get_plugin_manager
+
+        passes = get_plugin_manager().lowering_passes(self.backend)
+        if not passes:
+            pytest.skip(f"backend {self.backend!r} has no lowering passes here: nothing to check")
+        return passes
 
     # -- tests ---------------------------------------------------------------------------
     def test_backend_registers_through_its_entry_point(self) -> None:
@@ -153,10 +160,8 @@ class BackendConformance:
 
     def test_lowering_agrees_with_the_converted_model(self) -> None:
         import qcore
-        from qcore.plugin_manager import get_plugin_manager
 
-        if not get_plugin_manager().lowering_passes(self.backend):
-            return
+        self._lowering_passes_or_skip()
         for model_cls in self.models:
             torch.manual_seed(0)
             model = model_cls().eval()
@@ -166,3 +171,75 @@ class BackendConformance:
             with torch.no_grad():
                 reference, actual = converted(*example), lowered(*example)
             assert sqnr_db(reference, actual) >= 30.0, (model_cls.__name__, sqnr_db(reference, actual))
+
+    def test_default_config_gives_ptq_and_qat_configs(self) -> None:
+        import pytest
+
+        from qcore.plugin_manager import get_plugin_manager
+        from qcore.spec import QuantizationConfig
+
+        quantizer_class = get_plugin_manager().get_backend(self.backend).quantizer_class
+        default_config = getattr(quantizer_class, "default_config", None)
+        assert callable(default_config), f"{quantizer_class.__name__} has no default_config(): qcore.quantize needs one"
+        ptq = default_config(is_qat=False)
+        assert isinstance(ptq, QuantizationConfig) and not ptq.is_qat
+        try:
+            qat = default_config(is_qat=True)
+        except (NotImplementedError, ValueError) as exc:
+            pytest.skip(f"backend {self.backend!r} has no QAT config: {exc}")
+        assert isinstance(qat, QuantizationConfig) and qat.is_qat
+
+    def test_qat_prepare_train_convert_round_trip(self) -> None:
+        import pytest
+
+        import qcore
+
+        try:
+            quantizer = self.make_quantizer(is_qat=True)
+        except (NotImplementedError, ValueError) as exc:
+            pytest.skip(f"backend {self.backend!r} has no QAT config: {exc}")
+        torch.manual_seed(0)
+        model = SmallCNN().train()
+        example = SmallCNN.example_inputs()
+        exported = torch.export.export(model, example).module()
+        prepared = qcore.prepare_qat_pt2e(exported, quantizer)
+        optimizer = torch.optim.SGD(prepared.parameters(), lr=1e-3)
+        for _ in range(3):
+            optimizer.zero_grad()
+            prepared(torch.randn_like(example[0])).pow(2).mean().backward()
+            optimizer.step()
+        qcore.move_exported_model_to_eval(prepared)
+        with torch.no_grad():
+            fake_quantized = prepared(*example)
+            converted = qcore.convert_pt2e(prepared)
+            actual = converted(*example)
+        assert any(n.target.__class__.__name__ == "OpOverload" and "quantize_per" in str(n.target) for n in converted.graph.nodes if n.op == "call_function")
+        assert sqnr_db(fake_quantized, actual) >= self.min_sqnr_db, sqnr_db(fake_quantized, actual)
+
+    def test_save_then_load_gives_the_same_outputs(self, tmp_path: Any) -> None:
+        import qcore
+
+        torch.manual_seed(0)
+        model = SmallCNN().eval()
+        example = SmallCNN.example_inputs()
+        result = qcore.quantize(model, example, backend=self.backend, calibration=[example], measure_latency=False, lower=False)
+        result.save(tmp_path / "model.pt2")
+        loaded = qcore.load(tmp_path / "model.pt2")
+        assert loaded.meta["qcore_backend"] == self.backend
+        with torch.no_grad():
+            assert torch.equal(loaded(*example), result.converted(*example))
+
+    def test_lowering_twice_changes_nothing(self) -> None:
+        import qcore
+
+        self._lowering_passes_or_skip()
+        torch.manual_seed(0)
+        model = SmallCNN().eval()
+        example = SmallCNN.example_inputs()
+        _, _, converted = quantize_for_test(model, self.make_quantizer(), example)
+        once = qcore.lower(converted, backend=self.backend, example_inputs=example)
+        twice = qcore.lower(once, backend=self.backend, example_inputs=example)
+        ops = lambda gm: [(n.op, str(n.target)) for n in gm.graph.nodes]  # noqa: E731
+        assert ops(twice) == ops(once)
+        with torch.no_grad():
+            assert torch.equal(twice(*example), once(*example))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import qcore
 
-BACKENDS = ("xnnpack", "onednn")
+BACKENDS = ("xnnpack", "onednn", "reference")
 
 
 @qcore.hookimpl

@@ -7,23 +7,26 @@ import pytest
 
 pytest.importorskip("qcore_example_sigmoid")
 
+from qcore.testing import requires_backend  # noqa: E402
 from qcore.testing.conformance import BackendConformance  # noqa: E402
 
 
+@requires_backend("xnnpack")
 class TestXnnpackWithSigmoidPlugin(BackendConformance):
     backend = "xnnpack"
-
-    def make_quantizer(self):
-        xnnpack = pytest.importorskip("qcore_xnnpack")
-        return xnnpack.XNNPACKQuantizer().set_global(xnnpack.get_symmetric_quantization_config(is_per_channel=True))
 
     def test_lowering_agrees_with_the_converted_model(self) -> None:
         pytest.skip("ExecuTorch lowering is covered by the xnnpack plugin's own tests")
 
+    def test_lowering_twice_changes_nothing(self) -> None:
+        pytest.skip("ExecuTorch lowering is covered by the xnnpack plugin's own tests")
 
+
+@requires_backend("onednn")
 class TestOnednnWithSigmoidPlugin(BackendConformance):
     backend = "onednn"
 
-    def make_quantizer(self):
-        onednn = pytest.importorskip("qcore_onednn_x86")
-        return onednn.X86InductorQuantizer().set_global(onednn.get_default_x86_inductor_quantization_config())
+
+@requires_backend("reference")
+class TestReferenceWithSigmoidPlugin(BackendConformance):
+    backend = "reference"

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import qcore
 from qcore.annotation import ANNOTATION_KEY
-from qcore.spec import DerivedQuantizationSpec, SharedQuantizationSpec
+from qcore.spec import DerivedQuantizationSpec
 
 from _onednn_helpers import QDQ_OPS, aten, calls, count, export, qd, quantize, x86_quantizer
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -14,16 +13,13 @@ from qcore.errors import BackendUnavailableError
 from qcore.plugin_manager import get_plugin_manager
 from qcore.testing.conformance import BackendConformance
 
-from _onednn_helpers import export, lower, quantize, x86_quantizer
+from _onednn_helpers import lower, quantize
 
 from qcore_onednn_x86 import X86InductorQuantizer, get_default_x86_inductor_quantization_config
 
 
 class TestOneDNNConformance(BackendConformance):
     backend = "onednn"
-
-    def make_quantizer(self):
-        return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
 
 
 def test_backend_record_names_the_quantizer_and_is_available():

@@ -10,7 +10,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from qcore_onednn_x86 import cpu_features
 from qcore_onednn_x86.lowering.unwrap_bf16_autocast_inputs import NoNativeBf16Warning
 
-from _onednn_helpers import counters, count, largest_activation_scale, lower, onednn, qdq_count, quantize, qd
+from _onednn_helpers import counters, count, largest_activation_scale, lower, onednn, qdq_count, quantize
 
 _CPU = cpu_features.detect_cpu()
 needs_native_bf16 = pytest.mark.skipif(

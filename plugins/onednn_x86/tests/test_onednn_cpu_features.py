@@ -13,7 +13,7 @@ import torch
 
 import qcore
 from qcore_onednn_x86 import X86InductorQuantizer, cpu_features, get_default_x86_inductor_quantization_config
-from qcore.quantize import QuantizeError
+from qcore.errors import QuantizeError
 from qcore_onednn_x86.lowering.check_int8_exact_on_cpu import Int8SaturationWarning
 
 from _onednn_helpers import assert_close_to_reference, counters, lower, quantize, x86_quantizer

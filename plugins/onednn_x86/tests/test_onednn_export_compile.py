@@ -7,7 +7,6 @@ import io
 import pytest
 import torch
 
-import qcore
 
 from qcore_onednn_x86 import get_default_x86_inductor_quantization_config
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from qcore.records import LoweringContext
 
-from _onednn_helpers import aten, assert_close_to_reference, calls, count, counters, lower, onednn, qd, qdq_count, quantize, skip_range_clamp
+from _onednn_helpers import aten, assert_close_to_reference, calls, count, counters, lower, onednn, qdq_count, quantize, skip_range_clamp
 
 from qcore_onednn_x86.lowering.lower_quantized_cat import lower_quantized_cat
 from qcore_onednn_x86.lowering.lower_quantized_max_pool2d import lower_quantized_max_pool2d

@@ -7,7 +7,6 @@ import functools
 import pytest
 import torch
 
-import qcore
 from qcore.coverage import NothingAnnotatedWarning
 from qcore.records import LoweringContext
 

@@ -10,7 +10,7 @@ import qcore
 from qcore.plugin_manager import get_plugin_manager
 from qcore_xnnpack import XNNPACKQuantizer, get_symmetric_quantization_config
 from qcore_xnnpack.annotators import xnnpack_annotators
-from _xnnpack_helpers import annotate, annotation, config, export, input_map, observer_nodes
+from _xnnpack_helpers import annotate, annotation, export, input_map, observer_nodes
 
 GLOBAL = get_symmetric_quantization_config()
 NAMED = get_symmetric_quantization_config(is_per_channel=True)

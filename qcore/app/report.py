@@ -16,12 +16,12 @@ After quantization-aware training (``qcore.quantize(qat=True)``) ``report.traini
 model was trained (epochs, learning rate, loss per epoch; or the user's ``train_fn``).
 
 >>> import torch, qcore
->>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Sigmoid()).eval()
->>> result = qcore.quantize(model, (torch.randn(2, 4),), backend="onednn", measure_latency=False)
+>>> model = torch.nn.Sequential(torch.nn.Sigmoid(), torch.nn.Linear(4, 8)).eval()
+>>> result = qcore.quantize(model, (torch.randn(2, 4),), backend="reference", measure_latency=False)
 >>> [(n.name, n.quantized) for n in result.report.nodes]
-[('linear', True), ('sigmoid', False)]
->>> result.report.nodes[1].reason
-'no onednn annotator handles aten.sigmoid'
+[('sigmoid', False), ('linear', True)]
+>>> result.report.nodes[0].reason
+'no reference annotator handles aten.sigmoid'
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 
 from qcore.annotation import ANNOTATION_KEY, kept_float_reason
+from qcore.metrics import sqnr_db
 from qcore.coverage import QUANTIZABLE_OPS
 from qcore.passes.conv_bn_patterns import batch_norm_kind, batch_norm_output
 from qcore.passes.qdq_ops import is_dequantize, is_quantize
@@ -49,16 +50,7 @@ CHART_MAX_BARS = 40  # the chart draws the worst 40 nodes of a larger model
 CHART_MARGIN_DB = 3.0  # nodes this far below the q/dq model's output SQNR are drawn in orange
 
 
-def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio of ``actual`` against ``reference``, in dB (inf if equal)."""
-    reference = reference.detach().double().flatten()
-    noise = (reference - actual.detach().double().flatten()).pow(2).mean()
-    signal = reference.pow(2).mean()
-    if noise == 0:
-        return math.inf
-    if signal == 0:
-        return -math.inf
-    return float(10 * torch.log10(signal / noise))
+NO_CHART_NOTE = "(No SQNR chart: matplotlib is not installed; `pip install qcore[report]` adds it.)"
 
 
 @attrs.frozen
@@ -202,7 +194,7 @@ class QuantizationReport:
             lines.append(f"  {node.name} ({node.op}): {state}: {node.reason}")
         return "\n".join(lines)
 
-    def to_markdown(self, chart: Optional[str] = None) -> str:
+    def to_markdown(self, chart: Optional[str] = None, chart_missing: bool = False) -> str:
         lines = [f"# {self.title}", "", f"Backend: `{self.backend}`", ""]
         hardware = self.hardware_line()
         if hardware is not None:
@@ -250,6 +242,8 @@ class QuantizationReport:
             lines.append(f"| {node.name} | {node.op} | {'int8' if node.quantized else 'float'} | {node.reason} | {sqnr_cell} |")
         if chart:
             lines += ["", f"![per-node SQNR]({chart})"]
+        elif chart_missing:
+            lines += ["", NO_CHART_NOTE]
         if self.kernels:
             lines += ["", "## Kernels after lowering", "", "| op | runs as | count |", "| --- | --- | --- |"]
             for kernel in self.kernels:
@@ -267,7 +261,7 @@ class QuantizationReport:
         chart = self.write_chart(os.path.join(directory, "sqnr.png"))
         path = os.path.join(directory, "report.md")
         with open(path, "w", encoding="utf-8") as handle:
-            handle.write(self.to_markdown(chart=os.path.basename(chart) if chart else None))
+            handle.write(self.to_markdown(chart=os.path.basename(chart) if chart else None, chart_missing=chart is None))
         return path
 
     def chart_rows(self, max_bars: int = CHART_MAX_BARS) -> tuple[list[tuple[str, float]], str]:

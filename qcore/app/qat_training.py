@@ -14,7 +14,7 @@ Two ways to train (exactly one of them with ``qat=True``):
 >>> check_qat_options(qat=False, train_fn=None, qat_epochs=3, qat_lr=None, loss_fn=None, calibration=None)
 Traceback (most recent call last):
 ...
-qcore.qat_training.QATError: qat_epochs given but qat=False: it configures quantization-aware training; pass qat=True (or drop it for post-training quantization)
+qcore.app.qat_training.QATError: qat_epochs given but qat=False: it configures quantization-aware training; pass qat=True (or drop it for post-training quantization)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch.fx import GraphModule
 
 from qcore.errors import QcoreError
-from qcore.report import TrainingSummary
+from qcore.app.report import TrainingSummary
 
 __all__ = ["QATError", "DEFAULT_QAT_LR", "check_qat_options", "run_train_fn", "run_builtin_loop"]
 

@@ -1,13 +1,16 @@
 """``qcore demo``: a small CNN trained on real data (scikit-learn's 8x8 digits), quantized and lowered.
 
-Trains for a few seconds, quantizes with ``qcore.quantize`` for the onednn backend (xnnpack when
-oneDNN is unavailable here), and prints float vs int8 accuracy on the held-out split, latency
+Trains for a few seconds, quantizes with ``qcore.quantize`` for the installed backend that
+prefers to run here (``Backend.preference``: with both plugins, onednn; xnnpack when oneDNN is
+unavailable; the built-in ``reference`` backend when no plugin is installed), and prints float vs int8 accuracy on the held-out split, latency
 and speedup, then writes the report (``report.md``, ``sqnr.png``). With ``qat=True``
 (``qcore demo --qat``) it also fine-tunes a fake-quantized copy for :data:`QAT_EPOCHS` epochs
 (``qcore.quantize(qat=True, qat_epochs=...)``), prints the QAT model's accuracy next to PTQ's,
 and reports on the QAT model.
 
->>> from qcore.demo import DigitsCNN
+The MLP walkthrough (``qcore demo --quantizer Q``) shows the four pt2e verbs one at a time.
+
+>>> from qcore.app.demo import DigitsCNN
 >>> import torch
 >>> DigitsCNN()(torch.zeros(2, 1, 8, 8)).shape
 torch.Size([2, 10])
@@ -21,7 +24,7 @@ from typing import Any, Optional, TextIO
 
 import torch
 
-__all__ = ["DigitsCNN", "load_digits_split", "train", "accuracy", "run_digits_demo", "QAT_EPOCHS"]
+__all__ = ["DigitsCNN", "load_digits_split", "train", "accuracy", "run_digits_demo", "run_mlp_walkthrough", "pick_backend", "QAT_EPOCHS"]
 
 #: Epochs of quantization-aware fine-tuning in ``qcore demo --qat`` (about half a second each).
 QAT_EPOCHS = 2
@@ -82,20 +85,28 @@ def accuracy(model: Any, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(dim=1) == y).float().mean())
 
 
-def _pick_backend(choice: str) -> tuple[str, str]:
-    """(backend, note): onednn if available, else xnnpack, for ``choice == "auto"``."""
+def pick_backend(choice: str) -> tuple[str, str]:
+    """(backend, note) for ``choice``: a backend name as given, or for ``"auto"`` the available
+    backend with the highest ``Backend.preference`` (the note says which preferred ones are not
+    available here, and why).
+
+    >>> pick_backend("reference")
+    ('reference', '')
+    """
     from qcore.plugin_manager import get_plugin_manager
 
     if choice != "auto":
         return choice, ""
-    backends = get_plugin_manager().backends()
-    if "onednn" in backends:
-        return "onednn", ""
-    if "xnnpack" in backends:
-        everything = get_plugin_manager().backends(include_unavailable=True)
-        why = everything["onednn"].is_available() if "onednn" in everything else "qcore-onednn-x86 is not installed"
-        return "xnnpack", f" (onednn unavailable: {why})"
-    raise RuntimeError("qcore demo needs the onednn or the xnnpack backend; install qcore[onednn] or qcore[xnnpack]")
+    manager = get_plugin_manager()
+    ranked = sorted(manager.backends(include_unavailable=True).values(), key=lambda b: (-b.preference, b.name))
+    skipped = []
+    for backend in ranked:
+        reason = backend.is_available()
+        if reason is None:
+            note = f" ({'; '.join(skipped)})" if skipped else ""
+            return backend.name, note
+        skipped.append(f"{backend.name} unavailable: {reason}")
+    raise RuntimeError("no backend is available here; see `qcore plugins`")
 
 
 def run_digits_demo(
@@ -122,9 +133,11 @@ def run_digits_demo(
 
 def _run_digits_demo(report_dir: Optional[str], backend: str, seed: int, out: TextIO, progress: Any, qat: bool) -> Any:
     import qcore
-    from qcore.report import time_model
+    from qcore.app.report import time_model
+    from qcore.plugin_manager import get_plugin_manager
 
-    backend, note = _pick_backend(backend)
+    backend, note = pick_backend(backend)
+    record = get_plugin_manager().get_backend(backend)
     started = time.perf_counter()
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = load_digits_split(seed)
@@ -137,7 +150,7 @@ def _run_digits_demo(report_dir: Optional[str], backend: str, seed: int, out: Te
     result = qcore.quantize(
         model, (x_train[:64],), backend=backend, calibration=calibration, dynamic_shapes=({0: batch},),
         progress=progress, measure_latency=False,
-        lower=backend != "xnnpack",  # XNNPACK kernels run in ExecuTorch, not here: keep the q/dq program
+        lower=record.lowered_runs_in_process,  # e.g. XNNPACK kernels run in ExecuTorch: keep the q/dq program
     )
     quantized = result.model
     report = result.report
@@ -145,7 +158,7 @@ def _run_digits_demo(report_dir: Optional[str], backend: str, seed: int, out: Te
     if result.lowered is None:
         lowered_note = "kept as the q/dq program (its kernels run in the backend's runtime; here PyTorch runs reference ops)"
     else:
-        lowered_note = "lowered to oneDNN kernels" if backend == "onednn" else f"lowered for {backend}"
+        lowered_note = f"lowered to {record.kernel_library} kernels" if record.kernel_library else f"lowered for {backend}"
     out.write(
         f"2. quantized with backend {backend}{note}: {n_int8} of {len(report.nodes)} compute nodes int8, "
         f"calibrated on {len(calibration)} batches, {lowered_note}\n"
@@ -182,9 +195,77 @@ def _run_digits_demo(report_dir: Optional[str], backend: str, seed: int, out: Te
         out.write(f"   model output SQNR vs float{against}: {report.model_sqnr_db:.1f} dB{measured}\n")
     report.title = f"qcore demo: DigitsCNN on digits, backend {backend}" + (", quantization-aware training" if qat else "")
     if report_dir:
-        from qcore.cli import write_report_atomically
+        from qcore.app.files import write_report_atomically
 
         write_report_atomically(report, report_dir)
         out.write(f"5. report: {report_dir}/report.md, {report_dir}/sqnr.png\n")
     out.write(f"done in {time.perf_counter() - started:.1f} s\n")
     return result
+
+
+# --------------------------------------------------------------------------- the MLP walkthrough
+def walkthrough_quantizer(choice: str) -> tuple[Any, str]:
+    """(quantizer, a sentence naming it) for ``qcore demo --quantizer``: ``toy`` (built into
+    qcore), a backend name (its quantizer with ``default_config()``), or ``auto`` (the backend
+    :func:`pick_backend` picks)."""
+    if choice == "toy":
+        from qcore.testing.toy import ToyLinearQuantizer
+
+        return ToyLinearQuantizer(), "ToyLinearQuantizer (built into qcore)"
+    from qcore.plugin_manager import get_plugin_manager
+
+    name, note = pick_backend(choice)
+    record = get_plugin_manager().get_backend(name)
+    quantizer_class = record.quantizer_class
+    quantizer = quantizer_class().set_global(quantizer_class.default_config())
+    return quantizer, f"{quantizer_class.__name__} ({record.distribution}, backend {name}), its default config{note}"
+
+
+def _count_qdq(model: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target)
+        if name.startswith("quantized_decomposed."):
+            op = name.split(".")[1]
+            counts[op] = counts.get(op, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def run_mlp_walkthrough(quantizer_choice: str = "auto", batches: int = 8, seed: int = 0, out: TextIO = sys.stdout) -> None:
+    """The step-by-step MLP walkthrough: export, prepare_pt2e, calibrate, convert_pt2e, run.
+
+    >>> import io
+    >>> run_mlp_walkthrough("toy", batches=2, out=io.StringIO())
+    """
+    import qcore
+    from qcore.metrics import sqnr_db
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)
+    ).eval()
+    example_inputs = (torch.randn(4, 16),)
+    quantizer, quantizer_name = walkthrough_quantizer(quantizer_choice)
+
+    out.write("model: MLP Linear(16,32) ReLU Linear(32,32) ReLU Linear(32,8)\n")
+    out.write(f"quantizer: {quantizer_name}\n")
+    exported = torch.export.export(model, example_inputs).module()
+    out.write("1. exported with torch.export\n")
+    prepared = qcore.prepare_pt2e(exported, quantizer)
+    observers = sum(1 for node in prepared.graph.nodes if node.op == "call_module")
+    out.write(f"2. prepare_pt2e: {observers} observers inserted\n")
+    with torch.no_grad():
+        for _ in range(batches):
+            prepared(torch.randn(4, 16))
+    out.write(f"3. calibrated on {batches} random batches\n")
+    converted = qcore.convert_pt2e(prepared)
+    counts = _count_qdq(converted)
+    summary = ", ".join(f"{op} x{n}" for op, n in counts.items()) or "none"
+    out.write(f"4. convert_pt2e: {summary}\n")
+    test_batches = [torch.randn(4, 16) for _ in range(16)]  # the exported graph has batch size 4
+    with torch.no_grad():
+        reference = torch.cat([model(x) for x in test_batches])
+        quantized = torch.cat([converted(x) for x in test_batches])
+    out.write(f"5. ran on {len(test_batches) * 4} new samples: SQNR vs float = {sqnr_db(reference, quantized):.1f} dB\n")

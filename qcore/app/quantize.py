@@ -2,14 +2,14 @@
 
 ``quantize`` runs the whole pt2e flow for a backend: export, annotate with the backend's
 quantizer and its default config, calibrate, convert, lower (when the backend has lowering
-passes) and measure what happened (a :class:`qcore.report.QuantizationReport`).
+passes) and measure what happened (a :class:`qcore.app.report.QuantizationReport`).
 
 >>> import torch, qcore
 >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
 >>> example = (torch.randn(2, 8),)
->>> result = qcore.quantize(model, example, backend="onednn",
+>>> result = qcore.quantize(model, example, backend="reference",
 ...                         calibration=[(torch.randn(2, 8),) for _ in range(4)])
->>> result.lowered(*example).shape
+>>> result.model(*example).shape
 torch.Size([2, 4])
 >>> [n.name for n in result.report.nodes if n.quantized]
 ['linear', 'linear_1']
@@ -25,11 +25,11 @@ except in the dimensions ``dynamic_shapes`` makes dynamic.
 
 Quantization-aware training fine-tunes a copy of the model with fake quantization before
 converting: ``qat=True`` with ``qat_epochs`` (the built-in loop over batches of ``(x, target)``)
-or with ``train_fn`` (your own loop); see :func:`quantize` and ``qcore.qat_training``.
+or with ``train_fn`` (your own loop); see :func:`quantize` and ``qcore.app.qat_training``.
 
 >>> _ = torch.manual_seed(0)
 >>> data = [(torch.randn(16, 8), torch.randint(0, 4, (16,))) for _ in range(4)]
->>> result = qcore.quantize(model, data[0][:1], backend="onednn", qat=True, qat_epochs=2, qat_lr=1e-3,
+>>> result = qcore.quantize(model, data[0][:1], backend="reference", qat=True, qat_epochs=2, qat_lr=1e-3,
 ...                         calibration=data, measure_latency=False)
 >>> result.report.training.epochs, len(result.report.training.epoch_losses)
 (2, 2)
@@ -38,37 +38,21 @@ or with ``train_fn`` (your own loop); see :func:`quantize` and ``qcore.qat_train
 from __future__ import annotations
 
 import inspect
-import json
 import os
-import re
-import tempfile
-import traceback
 from typing import Any, Callable, Iterable, Optional
 
 import attrs
 import torch
 from torch.fx import GraphModule
 
-from qcore.errors import QcoreError
+from qcore.app.export import as_inputs, export_model
+from qcore.app.serialization import load, save
+from qcore.errors import CalibrationShapeError, ExportFailedError, QuantizeError
 
 __all__ = ["quantize", "load", "QuantizeResult", "QuantizeError", "ExportFailedError", "CalibrationShapeError"]
 
 #: ``progress(iterable, desc)`` wraps an iterable in a progress bar; the default shows none.
 ProgressFn = Callable[[Iterable, str], Iterable]
-
-BACKEND_EXTRA_FILE = "qcore.json"
-
-
-class QuantizeError(QcoreError):
-    """``qcore.quantize``, ``save`` or ``load`` cannot do what was asked (the message says why)."""
-
-
-class ExportFailedError(QuantizeError):
-    """``torch.export`` could not capture the model."""
-
-
-class CalibrationShapeError(QuantizeError, ValueError):
-    """A calibration batch whose shapes do not match the example inputs."""
 
 
 def _no_progress(iterable: Iterable, desc: str) -> Iterable:
@@ -108,7 +92,7 @@ class QuantizeResult:
 def quantize(
     model: torch.nn.Module,
     example_inputs: Any,
-    backend: str = "onednn",
+    backend: str,
     calibration: Optional[Iterable] = None,
     qat: bool = False,
     config: Any = None,
@@ -126,8 +110,8 @@ def quantize(
 
     >>> import torch, qcore
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval()
-    >>> result = qcore.quantize(model, (torch.randn(2, 8),), backend="onednn", measure_latency=False)
-    >>> result.lowered(torch.randn(2, 8)).shape
+    >>> result = qcore.quantize(model, (torch.randn(2, 8),), backend="reference", measure_latency=False)
+    >>> result.model(torch.randn(2, 8)).shape
     torch.Size([2, 8])
 
     ``calibration``: an iterable of batches (default: ``[example_inputs]``). ``config``: a
@@ -143,11 +127,11 @@ def quantize(
       train mode) and returns None; ``calibration`` must then be None.
     * ``qat_epochs``: the built-in loop, ``qat_epochs`` passes over ``calibration``, whose
       batches are the inputs followed by the target(s) (``(x, y)``): Adam with ``qat_lr``
-      (default ``qcore.qat_training.DEFAULT_QAT_LR``), ``loss_fn(output, *targets)`` (default
+      (default ``qcore.app.qat_training.DEFAULT_QAT_LR``), ``loss_fn(output, *targets)`` (default
       cross-entropy); from 2 epochs on, the last runs with ranges and batch norm frozen.
 
     ``result.report.training`` then records what ran (epochs, loss per epoch, final loss).
-    Bad combinations raise ``qcore.qat_training.QATError`` naming the problem.
+    Bad combinations raise ``qcore.app.qat_training.QATError`` naming the problem.
 
     ``target``: the hardware the program is for, when it is not this machine: passed to the
     backend quantizer's ``default_config(target=...)`` (the names are the backend's; ``qcore
@@ -159,15 +143,15 @@ def quantize(
     import qcore
     from qcore.graph_copy import copy_graph_module
     from qcore.plugin_manager import get_plugin_manager
-    from qcore.qat_training import check_qat_options, run_builtin_loop, run_train_fn
-    from qcore.report import build_report
+    from qcore.app.qat_training import check_qat_options, run_builtin_loop, run_train_fn
+    from qcore.app.report import build_report
 
     check_qat_options(qat, train_fn, qat_epochs, qat_lr, loss_fn, calibration)
     progress = progress or _no_progress
     manager = get_plugin_manager()
     backend_record = manager.get_backend(backend)  # unknown or unavailable: a clear error now
     quantizer = _make_quantizer(backend_record, config, qat, target)
-    example_inputs = _as_inputs(example_inputs)
+    example_inputs = as_inputs(example_inputs)
 
     exported = None
     for _ in progress([None], "export"):
@@ -256,14 +240,6 @@ def _make_quantizer(backend_record: Any, config: Any, qat: bool, target: Optiona
     return quantizer_class().set_global(config)
 
 
-def _as_inputs(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(f"example_inputs must be a tensor or a tuple of the model's positional inputs, got {type(example_inputs).__name__}")
-
-
 def _batch_inputs(batch: Any, n_inputs: int, index: int) -> tuple:
     if isinstance(batch, torch.Tensor):
         batch = (batch,)
@@ -280,7 +256,7 @@ def _batch_inputs(batch: Any, n_inputs: int, index: int) -> tuple:
 
 def _batch_inputs_and_targets(batch: Any, n_inputs: int, index: int) -> tuple:
     """``(inputs, targets)`` of a QAT batch: the model's inputs, then at least one target."""
-    from qcore.qat_training import QATError
+    from qcore.app.qat_training import QATError
 
     if not isinstance(batch, (tuple, list)) or len(batch) <= n_inputs:
         got = f"a tuple of {len(batch)} item(s)" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
@@ -322,168 +298,3 @@ def _check_shapes(inputs: tuple, expected: list, index: int) -> None:
             )
 
 
-# --------------------------------------------------------------------------- export
-def export_model(model: Any, example_inputs: tuple, dynamic_shapes: Any = None, training: bool = False) -> GraphModule:
-    """``torch.export`` ``model`` (in eval mode unless ``training``; the mode is restored) to a GraphModule.
-
-    A failure raises :class:`ExportFailedError` naming the error, where in the model it happened
-    and a hint.
-    """
-    if isinstance(model, torch.export.ExportedProgram):
-        return model.module()
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"expected a torch.nn.Module to quantize, got {type(model).__name__}")
-    modes = {module: module.training for module in model.modules()}
-    model.train(training)
-    try:
-        return torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes).module()
-    except Exception as exc:
-        raise ExportFailedError(_export_failure_message(model, exc)) from exc
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
-
-
-def _export_failure_message(model: torch.nn.Module, exc: BaseException) -> str:
-    lines = [line.rstrip() for line in str(exc).splitlines()]
-    summary = next(
-        (line.strip() for line in lines if line.strip() and not line.startswith((" ", "\t", "def ", "#"))),
-        type(exc).__name__,
-    )
-    node = _failing_graph_node(lines)
-    where = _failing_user_line(model, exc, lines)
-    hint = (
-        "hint: torch.export needs a graph without data-dependent Python control flow "
-        "(use torch.cond or move the branch out of forward), without unsupported Python calls, "
-        "and with dynamic_shapes for dimensions that change between batches"
-    )
-    parts = [f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {summary}"]
-    if node:
-        parts.append(f"node {node}")
-    if where:
-        parts.append(f"at {where}")
-    return "; ".join(parts + [hint])
-
-
-_GRAPH_LINE = re.compile(r"^\s*(\w+): .*= torch\.ops\.([\w.]+)\(")
-
-
-def _failing_graph_node(lines: list) -> str:
-    """The last node of the partial graph export printed before failing: ``name (op)``."""
-    found = ""
-    for line in lines:
-        match = _GRAPH_LINE.match(line)
-        if match:
-            found = f"{match.group(1)} ({match.group(2)})"
-    return found
-
-
-def _failing_user_line(model: torch.nn.Module, exc: BaseException, lines: list) -> str:
-    """``file:line in function: code`` of the deepest frame in the model's own source, if any."""
-    files = set()
-    for module in model.modules():
-        try:
-            files.add(os.path.abspath(inspect.getsourcefile(type(module)) or ""))
-        except TypeError:
-            continue
-    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
-    files = {f for f in files if f and not f.startswith(torch_dir)}
-    found = ""
-    for index, line in enumerate(lines):  # export names the user frame in its message
-        match = re.match(r'\s*File "([^"]+)", line (\d+), in (\S+)', line)
-        if match and os.path.abspath(match.group(1)) in files:
-            code = lines[index + 1].strip() if index + 1 < len(lines) else ""
-            found = f"{os.path.basename(match.group(1))}:{match.group(2)} in {match.group(3)}: {code}"
-    if found:
-        return found
-    seen: set = set()
-    error: Optional[BaseException] = exc
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        for frame in traceback.extract_tb(error.__traceback__):
-            if os.path.abspath(frame.filename) in files:
-                found = f"{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}: {frame.line}"
-        error = error.__cause__ or error.__context__
-    return found
-
-
-# --------------------------------------------------------------------------- save / load
-def save(
-    converted: GraphModule,
-    path: "str | os.PathLike",
-    example_inputs: Any,
-    dynamic_shapes: Any = None,
-    backend: Optional[str] = None,
-    target: Optional[str] = None,
-) -> None:
-    """Write ``converted`` to ``path`` as a ``torch.export`` program: to a temporary file in the
-    same directory, then ``os.replace``; on any error nothing is left at ``path``. ``backend``
-    and ``target`` (the hardware it was quantized for) are stored beside the program."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise QuantizeError(f"cannot write {path}: directory {directory} does not exist")
-    if os.path.isdir(path):
-        raise QuantizeError(f"cannot write {path}: it is a directory; give a file name such as model.pt2")
-    example_inputs = _as_inputs(example_inputs)
-    program = torch.export.export(_without_unused_state(converted), example_inputs, dynamic_shapes=dynamic_shapes)
-    try:
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp.pt2")
-    except OSError as exc:
-        raise QuantizeError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    os.close(handle)
-    try:
-        extra = {BACKEND_EXTRA_FILE: json.dumps({"backend": backend, "target": target, "format": 1})}
-        torch.export.save(program, temporary, extra_files=extra)
-        os.replace(temporary, path)
-    except BaseException as exc:
-        try:
-            os.remove(temporary)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise QuantizeError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        raise
-
-
-def _without_unused_state(model: GraphModule) -> GraphModule:
-    """A copy of ``model`` without the parameters, buffers and submodules its graph never reads
-    (the float weights that convert replaced by int8 ones, leftover observers): they would be saved."""
-    from qcore.graph_copy import copy_graph_module
-
-    used = {node.target for node in model.graph.nodes if node.op in ("get_attr", "call_module")}
-    copy, _ = copy_graph_module(model, copy_tensors=False)
-    for name, _ in list(copy.named_parameters()) + list(copy.named_buffers()):
-        if name in used or any(name.startswith(target + ".") for target in used):
-            continue
-        owner_name, _, leaf = name.rpartition(".")
-        owner = copy.get_submodule(owner_name) if owner_name else copy
-        owner._parameters.pop(leaf, None)
-        owner._buffers.pop(leaf, None)
-    copy.delete_all_unused_submodules()
-    return copy
-
-
-def load(path: "str | os.PathLike") -> GraphModule:
-    """Read a program written by ``QuantizeResult.save``; returns the converted GraphModule
-    (its backend name and target, if saved, in ``meta["qcore_backend"]`` and
-    ``meta["qcore_target"]``), ready for ``qcore.lower``."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise QuantizeError(f"cannot load {path}: no such file")
-    import qcore.passes.qdq_ops  # noqa: F401  (registers quantized_decomposed ops before deserialising)
-
-    extra = {BACKEND_EXTRA_FILE: ""}
-    try:
-        program = torch.export.load(path, extra_files=extra)
-    except Exception as exc:
-        raise QuantizeError(f"cannot load {path}: not a torch.export program ({type(exc).__name__}: {exc})") from exc
-    module = program.module()
-    try:
-        stored = json.loads(extra[BACKEND_EXTRA_FILE] or "{}")
-    except ValueError:
-        stored = {}
-    module.meta["qcore_backend"] = stored.get("backend")
-    if stored.get("target") is not None:
-        module.meta["qcore_target"] = stored["target"]
-    return module
