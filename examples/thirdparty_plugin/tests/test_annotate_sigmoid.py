@@ -1,4 +1,7 @@
-"""The example plugin's own tests: run them where the plugin is installed (`pip install -e .`)."""
+"""The example plugin's own tests: run them where the plugin is installed (`pip install -e .`).
+
+They use qcore's testing kit (the fixtures of qcore's pytest plugin, loaded through its
+``pytest11`` entry point, and ``requires_backend``), as any third-party plugin's suite can."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import pytest
 import torch
 
 import qcore
-from qcore.plugin_manager import QcorePluginManager, set_plugin_manager
+from qcore.testing import requires_backend
 
 pytest.importorskip("qcore_example_sigmoid")
 from qcore_example_sigmoid.annotate_sigmoid import SIGMOID_OUTPUT_SPEC, annotate_sigmoid  # noqa: E402
@@ -22,15 +25,13 @@ class LinearSigmoid(torch.nn.Module):
 
 
 @pytest.fixture(autouse=True)
-def fresh_plugin_manager():
-    previous = set_plugin_manager(QcorePluginManager())
-    yield
-    set_plugin_manager(previous)
+def fresh_plugin_manager(qcore_plugin_manager):
+    return qcore_plugin_manager
 
 
-def test_plugin_contributes_its_annotator_to_xnnpack_and_onednn():
+def test_plugin_contributes_its_annotator_to_each_backend_it_serves():
     manager = qcore.get_plugin_manager()
-    for backend in ("xnnpack", "onednn"):
+    for backend in ("xnnpack", "onednn", "reference"):
         ours = [a for a in manager.annotators(backend) if a.plugin == "example_sigmoid"]
         assert [a.name for a in ours] == ["example_sigmoid"]
     assert [a for a in manager.annotators("some_other_backend") if a.plugin == "example_sigmoid"] == []
@@ -50,6 +51,17 @@ def test_annotator_sets_fixed_output_and_config_input():
     assert annotate_sigmoid(gm, config) == []  # already claimed: nothing more to do
 
 
+@requires_backend("reference")
+def test_sigmoid_is_quantized_on_the_reference_backend(quantize_for_test, assert_graph_ops):
+    result = quantize_for_test(LinearSigmoid().eval(), (torch.randn(4, 8),), backend="reference")
+    # linear: input, output (its sigmoid input is shared); sigmoid: its fixed-qparams output
+    assert_graph_ops(result.converted, {"quantize_per_tensor": 3, "sigmoid": 1})
+    sigmoid = next(n for n in result.converted.graph.nodes if n.target is torch.ops.aten.sigmoid.default)
+    (quantize,) = sigmoid.users
+    assert quantize.args[1:4] == (1.0 / 256.0, -128, -128)
+
+
+@requires_backend("xnnpack")
 def test_sigmoid_is_quantized_end_to_end_with_xnnpack():
     xnnpack = pytest.importorskip("qcore_xnnpack")
     quantizer = xnnpack.XNNPACKQuantizer().set_global(xnnpack.get_symmetric_quantization_config())
