@@ -13,10 +13,17 @@ After (then prepacked into one ``qlinear_pointwise`` by ``prepack_linear_weights
              getitem 0 ──▶ reshape ...   getitem 1 ──▶ reshape ...   getitem 2 ──▶ reshape ...
 
 One GEMM of 1024x768x2304 runs about 4% faster than three of 1024x768x768 on one thread, and
-the outputs are column views of it, so nothing is copied. Only linears with float output whose
-users no post-op pass would fuse (no activation, add or quantize after them), with int8
-per-channel (axis 0) constant weights of the same input width and identical activation
-dequantize arguments and weight range (the x86 config's ranges depend on the target CPU).
+the outputs are column views of it, so nothing is copied. A column view is not contiguous where
+each linear's output was, so a ``view`` / ``_unsafe_view`` reading a piece (directly or through
+other view ops) becomes ``reshape``: the same op where a view is possible, a copy where it is not
+(``view(n, -1)`` of a 3-D piece); counter ``qlinear_concat_view_to_reshape_count``::
+
+    getitem 0 ──▶ view(·, [n, -1])   ==>   getitem 0 ──▶ reshape(·, [n, -1])
+
+Only linears with float output whose users no post-op pass would fuse (no activation, add or
+quantize after them), with int8 per-channel (axis 0) constant weights of the same input width
+and identical activation dequantize arguments and weight range (the x86 config's ranges depend
+on the target CPU).
 Counter: ``qlinear_concat_matcher_count`` / ``_nodes``.
 """
 
@@ -31,6 +38,7 @@ from torch.fx import GraphModule, Node
 from qcore.records import LoweringContext
 
 from qcore_onednn_x86.lowering.graph_utils import (
+    VIEW_LIKE_OPS,
     act_dequantize,
     aten,
     drop_unused_constants,
@@ -47,6 +55,7 @@ from qcore_onednn_x86.lowering.post_ops import unary_post_op
 
 NAME = "concat_shared_input_linears"
 ADD_OPS = (aten.add.Tensor, aten.add_.Tensor)
+STRICT_VIEW_OPS = (aten.view.default, aten._unsafe_view.default)
 
 
 class Member:
@@ -92,6 +101,23 @@ def _widened(val: torch.Tensor, width: int) -> torch.Tensor:
         return torch.empty(shape, dtype=val.dtype, device="meta")
     with mode:
         return torch.empty(shape, dtype=val.dtype, device=val.device)
+
+
+def _reshape_views_of(piece: Node) -> int:
+    """Turn every ``view`` / ``_unsafe_view`` reading the column view ``piece``, directly or
+    through other view ops, into ``reshape``; returns how many."""
+    changed = 0
+    stack, seen = list(piece.users), set()
+    while stack:
+        node = stack.pop()
+        if node in seen or not is_call(node, VIEW_LIKE_OPS):
+            continue
+        seen.add(node)
+        if node.target in STRICT_VIEW_OPS:
+            node.target = aten.reshape.default
+            changed += 1
+        stack.extend(node.users)
+    return changed
 
 
 def concat_shared_input_linears(model: GraphModule, context: LoweringContext) -> bool:
@@ -140,6 +166,9 @@ def concat_shared_input_linears(model: GraphModule, context: LoweringContext) ->
                 pieces.append(piece)
         for m, piece in zip(members, pieces):
             m.linear.replace_all_uses_with(piece)
+            reshaped = _reshape_views_of(piece)
+            if reshaped:
+                context.count("qlinear_concat_view_to_reshape_count", reshaped)
         for m in members:
             w_dq_old = m.linear.args[1]
             graph.erase_node(m.linear)

@@ -14,7 +14,15 @@ writes uint8; without one it accumulates into a copy of the float ``dq(accum)``.
 Linear, the extra input a float tensor (either operand order)::
 
     qlinear (f32) ──▶ add(·, other) ──▶ [relu] ──▶ [q(u8)]
-      ==> qlinear_pointwise.binary(..., other, ..., "sum"|"add", 1.0, "relu"|"none")
+      ==> other ──▶ [contiguous] ──▶ qlinear_pointwise.binary(..., ·, ..., "sum"|"add", 1.0, "relu"|"none")
+
+oneDNN reads ``other`` as a row-major ``[M, N]`` buffer: torch's kernel hands it a pointer into
+``other.reshape(-1, N)``, which for a transposed, permuted or expanded ``other`` is a temporary
+copy freed before the kernel runs (garbage out), and "sum" writes into ``other`` as if it were
+contiguous. So ``other`` goes through ``aten.contiguous`` (which returns its input when that is
+contiguous already) unless it always is (``graph_utils.always_contiguous``: a layer norm, a
+oneDNN linear, a contiguous constant); counter ``qlinear_binary_contiguous_other_count``. Meta
+strides cannot decide: a oneDNN conv's output is channels-last where the program's was NCHW.
 
 "sum" (in place into ``other``) only for float output when ``other`` is a fresh tensor whose
 other readers have all run before (ancestors of the linear: a transformer's FFN residual, read
@@ -44,6 +52,7 @@ from qcore_onednn_x86.lowering.graph_utils import (
     act_dequantize,
     clamp_to_quantize_range,
     aten,
+    contiguous_input,
     copy_meta,
     erase_chain,
     finish,
@@ -180,6 +189,16 @@ def _fuse_linear(qop: Node, other: Node, add: Node, relu: Optional[Node], quant:
     )
 
 
+def _with_contiguous_other(model: GraphModule, fused_call: tuple, context: LoweringContext) -> tuple:
+    """The qlinear binary call with its ``other`` (argument 6) made contiguous when it may not be
+    (see the module docstring); inserts at the graph's insertion point."""
+    target, args = fused_call
+    other, inserted = contiguous_input(model, args[6])
+    if inserted:
+        context.count("qlinear_binary_contiguous_other_count")
+    return target, (*args[:6], other, *args[7:])
+
+
 def fuse_binary_post_ops(model: GraphModule, context: LoweringContext) -> bool:
     """Run the pass in place; returns True if the graph changed."""
     if onednn_declines(NAME):
@@ -207,6 +226,8 @@ def fuse_binary_post_ops(model: GraphModule, context: LoweringContext) -> bool:
             continue
         end = quant.node if quant is not None else last
         with graph.inserting_before(end):
+            if not is_conv:  # qconv2d_add copies its accumulator to channels-last itself
+                fused_call = _with_contiguous_other(model, fused_call, context)
             fused = graph.call_function(*fused_call)
         copy_meta(fused, add)
         if quant is not None:

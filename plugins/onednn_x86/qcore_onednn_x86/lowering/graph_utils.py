@@ -237,6 +237,58 @@ def copy_meta(new: Node, old: Node) -> None:
             new.meta[key] = old.meta[key]
 
 
+#: ops whose output is a new row-major (contiguous) tensor whatever the layout of their inputs
+#: (on the CPU, eagerly): oneDNN's linear, matrix products, layer norm
+CONTIGUOUS_OUTPUT_OPS = (
+    *QLINEAR_OPS,
+    onednn.qlinear_pointwise.binary,
+    onednn.qlinear_pointwise.binary_tensor,
+    aten.mm.default,
+    aten.addmm.default,
+    aten.bmm.default,
+    aten.layer_norm.default,
+)
+
+
+def always_contiguous(model: GraphModule, node: Any) -> bool:
+    """True when ``node``'s tensor is row-major contiguous every time the graph runs: a contiguous
+    constant, the output of an op of :data:`CONTIGUOUS_OUTPUT_OPS`, the normalized output of
+    ``native_layer_norm``. (A node's meta strides do not tell: they are those of the program's
+    reference kernels, and a oneDNN conv returns channels-last where ``conv2d`` returned NCHW.)"""
+    constant = get_constant(model, node)
+    if constant is not None:
+        return constant.is_contiguous()
+    if is_call(node, CONTIGUOUS_OUTPUT_OPS):
+        return True
+    return is_getitem(node, 0) and is_call(node.args[0], (aten.native_layer_norm.default,))
+
+
+def contiguous_input(model: GraphModule, node: Any) -> tuple[Any, bool]:
+    """``node`` as a row-major tensor, for a kernel that reads its input as one (oneDNN's
+    ``other``, bias and scales; ``_weight_int8pack_mm``'s operands). Returns ``(node, False)``
+    when it is :func:`always_contiguous` (or not a node); a get_attr of a contiguous copy of a
+    non-contiguous constant; otherwise ``aten.contiguous(node)``, which returns its input when
+    that is contiguous already (no copy; under ``torch.compile`` it then traces to nothing).
+    New nodes go at the graph's insertion point; the flag says whether one was made."""
+    if not isinstance(node, Node) or always_contiguous(model, node):
+        return node, False
+    graph = node.graph
+    constant = get_constant(model, node)
+    if constant is not None:
+        made = graph.get_attr(register_constant(model, "contiguous_constant_", constant.contiguous()))
+    else:
+        made = graph.call_function(aten.contiguous.default, (node,))
+    val = tensor_val(node)
+    if val is not None:
+        mode = getattr(val, "fake_mode", None)
+        if mode is not None:
+            with mode:
+                made.meta["val"] = torch.empty_like(val, memory_format=torch.contiguous_format)
+        else:
+            made.meta["val"] = torch.empty_like(val, memory_format=torch.contiguous_format, device="meta")
+    return made, True
+
+
 def static_meta_like(val: Any, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
     """A meta tensor with ``val``'s static shape and strides (and ``dtype`` if given); None when
     ``val`` is not a tensor or its sizes are symbolic."""

@@ -11,7 +11,15 @@ Before (any of the four forms of the linear, no bias)::
 
 After::
 
-    x ──▶ reshape(·, [-1, K]) ──▶ _weight_int8pack_mm(·, w_int8, scales) ──▶ reshape(·, x.shape[:-1] + [N])
+    x ──▶ reshape(·, [-1, K]) ──▶ contiguous ──▶ _weight_int8pack_mm(·, w_int8, scales) ──▶ reshape(·, x.shape[:-1] + [N])
+                         [w_int8 ──▶ contiguous]  [scales ──▶ contiguous]
+
+The kernel wants row-major operands: it refuses an ``x`` whose rows are not contiguous (a 2-D
+transposed or a column-strided ``x``, which ``reshape`` keeps as a view) and a non-contiguous
+weight, and silently reads a strided or expanded ``scales`` as if it were contiguous. So the
+flattened ``x`` always goes through ``aten.contiguous`` (it returns its input when that is
+contiguous already, no copy), and so do the weight and the scales unless they are contiguous
+constants (``graph_utils.always_contiguous``); counter ``woq_contiguous_operand_count``.
 
 Valid when ``x`` and ``scales`` are bfloat16, ``w`` is a 2-D int8 tensor [N, K], ``scales`` has
 N elements, and all are on the CPU (the patterns of seed_spec §5.12; in the ``bmm`` form only the
@@ -29,7 +37,16 @@ from torch.fx import GraphModule, Node
 
 from qcore.records import LoweringContext
 
-from qcore_onednn_x86.lowering.graph_utils import aten, copy_meta, erase_chain, finish, is_call, static_shape, tensor_val
+from qcore_onednn_x86.lowering.graph_utils import (
+    aten,
+    contiguous_input,
+    copy_meta,
+    erase_chain,
+    finish,
+    is_call,
+    static_shape,
+    tensor_val,
+)
 
 NAME = "lower_weight_only_int8_matmul"
 CAST_OPS = (aten.to.dtype, aten._to_copy.default, torch.ops.prims.convert_element_type.default)
@@ -166,8 +183,13 @@ def lower_weight_only_int8_matmul(model: GraphModule, context: LoweringContext) 
         k, n = x_shape[-1], static_shape(weight)[0]
         with graph.inserting_before(node):
             flat = graph.call_function(aten.reshape.default, (x, [-1, k]))
+            flat = graph.call_function(aten.contiguous.default, (flat,))
+            weight, weight_copied = contiguous_input(model, weight)
+            scales, scales_copied = contiguous_input(model, scales)
             packed_mm = graph.call_function(aten._weight_int8pack_mm.default, (flat, weight, scales))
             restored = graph.call_function(aten.reshape.default, (packed_mm, x_shape[:-1] + [n]))
+        if weight_copied or scales_copied:
+            context.count("woq_contiguous_operand_count", weight_copied + scales_copied)
         copy_meta(restored, node)
         node.replace_all_uses_with(restored)
         erase_chain(*removed)

@@ -8,14 +8,19 @@ Before::
 
 After::
 
-    q(x):u8 ──▶ onednn.qconv2d_pointwise(..., packed, output_scale=1.0, output_zp=0, f32, "none") ──▶ y
+    q(x):u8 ──▶ onednn.qconv2d_pointwise(..., packed, w_scale, w_zp, b, ..., output_scale=1.0, output_zp=0, f32, "none") ──▶ y
     packed = onednn.qconv_prepack(w, w_scale, x_scale, x_zp, ...)   (a get_attr buffer)
+    [b ──▶ contiguous]  [w_scale: a contiguous copy]                 (when they may not be contiguous)
 
 Matches ``aten.conv2d.default`` (what qcore's convert emits) and the decomposed
 ``aten.convolution.default`` (not transposed), and ``aten.conv1d`` / ``aten.conv3d`` (3-D / 5-D
-inputs; the same oneDNN op runs them). Refused: non-uint8
-activations (oneDNN's qconv needs uint8), a dequantize with other users, non-CPU tensors,
-weights not quantized per channel on axis 0.
+inputs; the same oneDNN op runs them). The input and the int8 weight may have any layout (oneDNN
+reorders them itself; ``make_conv_inputs_channels_last`` moves the input's copy into the graph).
+The weight scales and the bias are read as contiguous buffers whatever their strides (a strided
+or expanded bias gives wrong sums): a non-contiguous constant is replaced by a contiguous copy,
+any other bias goes through ``aten.contiguous`` (no copy when contiguous already); counter
+``qconv_contiguous_operand_count``. Refused: non-uint8 activations (oneDNN's qconv needs uint8),
+a dequantize with other users, non-CPU tensors, weights not quantized per channel on axis 0.
 Counter: ``qconv{1,2,3}d_weight_prepack_matcher_count`` / ``_nodes``.
 """
 
@@ -32,6 +37,7 @@ from qcore.records import LoweringContext
 from qcore_onednn_x86.lowering.graph_utils import (
     act_dequantize,
     aten,
+    contiguous_input,
     copy_meta,
     drop_unused_constants,
     erase_chain,
@@ -113,7 +119,7 @@ def prepack_conv_weights(model: GraphModule, context: LoweringContext) -> bool:
             continue
         try:
             packed = onednn.qconv_prepack(
-                w_int8, w_scale.float(), float(x.scale), int(x.zero_point),
+                w_int8, w_scale.float().contiguous(), float(x.scale), int(x.zero_point),
                 args["stride"], args["padding"], args["dilation"], int(args["groups"]), static_shape(x.node),
             )
         except RuntimeError as exc:
@@ -122,14 +128,19 @@ def prepack_conv_weights(model: GraphModule, context: LoweringContext) -> bool:
         packed_name = register_constant(model, "onednn_packed_conv_weight_", packed)
         with graph.inserting_before(conv):
             packed_node = graph.get_attr(packed_name)
+            # oneDNN reads the scales and the bias as contiguous buffers whatever their strides
+            w_scale_node, scale_copied = contiguous_input(model, w_scale_node)
+            bias, bias_copied = contiguous_input(model, args["bias"])
             qconv = graph.call_function(
                 onednn.qconv2d_pointwise.default,
                 (
-                    x.input, float(x.scale), int(x.zero_point), packed_node, w_scale_node, w_zp_node, args["bias"],
+                    x.input, float(x.scale), int(x.zero_point), packed_node, w_scale_node, w_zp_node, bias,
                     args["stride"], args["padding"], args["dilation"], int(args["groups"]),
                     1.0, 0, torch.float32, "none", [], "",
                 ),
             )
+        if scale_copied or bias_copied:
+            context.count("qconv_contiguous_operand_count", scale_copied + bias_copied)
         copy_meta(qconv, conv)
         conv.replace_all_uses_with(qconv)
         graph.erase_node(conv)

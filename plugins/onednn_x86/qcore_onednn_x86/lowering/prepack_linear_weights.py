@@ -16,12 +16,21 @@ Before (qcore's convert output, or its CIA decomposition)::
 After::
 
     q(x) ──▶ onednn.qlinear_pointwise(qx, x_scale, x_zp, packed, w_scale, w_zp, b, 1.0, 0, f32, "none", [], "")
+    packed = onednn.qlinear_prepack(contiguous int8 w [out, in])     (a get_attr buffer)
+    [b ──▶ contiguous]  [w_scale: a contiguous copy]                 (when they may not be contiguous)
 
 The N-D forms become one qlinear on the N-D quantized input (no reshape, expand or bmm left);
 the bias add after a matmul/mm/bmm (a 1-D tensor of the output width) becomes the qlinear's bias.
-A ``[in, out]`` weight (axis-1 scales) is packed transposed. A dynamic (``.tensor``) activation
-dequantize yields ``qlinear_pointwise.tensor``. ``t``, ``permute([1, 0])`` and
-``transpose(0, 1)`` are one transpose, ``view`` / ``_unsafe_view`` are ``reshape``.
+A ``[in, out]`` weight (axis-1 scales) is packed transposed. ``qlinear_prepack`` reads the int8
+weight as a row-major buffer whatever its strides, so it packs a contiguous copy (a transposed
+weight parameter makes a transposed int8 constant). The bias and the weight scales are read the
+same way (a strided or expanded bias, as ``x @ w.t() + b[::2]`` makes, gives wrong sums): a
+non-contiguous constant is replaced by a contiguous copy, any other bias goes through
+``aten.contiguous`` (no copy when contiguous already); counter
+``qlinear_contiguous_operand_count``. The activation may have any layout (the kernel copies it
+to row-major itself). A dynamic (``.tensor``) activation dequantize yields
+``qlinear_pointwise.tensor``. ``t``, ``permute([1, 0])`` and ``transpose(0, 1)`` are one
+transpose, ``view`` / ``_unsafe_view`` are ``reshape``.
 Counter: ``qlinear_weight_prepack_matcher_count`` / ``_nodes``.
 """
 
@@ -40,6 +49,7 @@ from qcore_onednn_x86.lowering.graph_utils import (
     ActivationQParams,
     act_dequantize,
     aten,
+    contiguous_input,
     copy_meta,
     drop_unused_constants,
     erase_chain,
@@ -268,8 +278,10 @@ def _packable_weight(model: GraphModule, match: LinearMatch) -> Optional[tuple]:
     if match.w_axis == 1:
         if w_int8.dim() != 2:
             return None
-        w_int8 = w_int8.t().contiguous()  # [in, out] -> [out, in]; scales run along out
-    return w_int8, w_scale_node, w_zp_node
+        w_int8 = w_int8.t()  # [in, out] -> [out, in]; scales run along out
+    # qlinear_prepack reads the weight as a row-major buffer whatever its strides (a transposed
+    # weight parameter gives a transposed int8 constant)
+    return w_int8.contiguous(), w_scale_node, w_zp_node
 
 
 def prepack_linear_weights(model: GraphModule, context: LoweringContext) -> bool:
@@ -308,11 +320,15 @@ def prepack_linear_weights(model: GraphModule, context: LoweringContext) -> bool
             continue
         with graph.inserting_before(match.replaced):
             packed_node = graph.get_attr(packed_name)
+            bias, bias_copied = contiguous_input(model, match.bias)
+            w_scale_node, scale_copied = contiguous_input(model, w_scale_node)
             qlinear = graph.call_function(
                 target,
-                (x.input, scale, zero_point, packed_node, w_scale_node, w_zp_node, match.bias,
+                (x.input, scale, zero_point, packed_node, w_scale_node, w_zp_node, bias,
                  1.0, 0, torch.float32, "none", [], ""),
             )
+        if bias_copied or scale_copied:
+            context.count("qlinear_contiguous_operand_count", bias_copied + scale_copied)
         copy_meta(qlinear, match.replaced)
         match.replaced.replace_all_uses_with(qlinear)
         erase_chain(*match.removed, x.node, match.w_dq)
