@@ -212,4 +212,5 @@ def convert_annotation(annotation: Any, node_map: Optional[dict[Node, Node]] = N
         output_qspec=convert_spec(annotation.output_qspec, node_map),
         allow_implicit_sharing=getattr(annotation, "allow_implicit_sharing", True),
         _annotated=getattr(annotation, "_annotated", False),
+        _is_output_of_quantized_pattern=getattr(annotation, "_is_output_of_quantized_pattern", False),
     )

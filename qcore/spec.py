@@ -316,12 +316,17 @@ class QuantizationAnnotation:
 
     ``input_qspec_map`` maps argument nodes to the spec of that input edge (None: not quantized),
     ``output_qspec`` is the spec of the node's output. ``_annotated`` marks the node as claimed.
+    ``allow_implicit_sharing=False`` keeps the node's input edges out of implicit observer
+    sharing. ``_is_output_of_quantized_pattern`` marks the last node of a quantized fused pattern
+    (set by the x86 annotators, as torchao's ``_X86InductorQuantizationAnnotation`` does; read
+    by their observer-sharing ops and by users' code).
     """
 
     input_qspec_map: dict = attrs.field(factory=dict, validator=_check_input_map)
     output_qspec: Optional[QuantizationSpecBase] = attrs.field(default=None, validator=_check_optional_spec)
     allow_implicit_sharing: bool = True
     _annotated: bool = attrs.field(default=False, alias="_annotated")
+    _is_output_of_quantized_pattern: bool = attrs.field(default=False, alias="_is_output_of_quantized_pattern")
 
 
 @attrs.frozen(slots=False)

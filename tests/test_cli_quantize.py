@@ -71,6 +71,12 @@ def user_module(tmp_path, monkeypatch):
     sys.modules.pop("qcore_cli_user_models", None)
 
 
+def written_files(directory) -> list[str]:
+    """What is in ``directory``, without Python's own bytecode cache of the user's module
+    (written on import unless PYTHONDONTWRITEBYTECODE is set)."""
+    return sorted(name for name in os.listdir(directory) if name != "__pycache__")
+
+
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     captured = capsys.readouterr()
@@ -162,13 +168,13 @@ def test_errors_are_one_line_nonzero_and_leave_nothing(capsys, user_module, tmp_
     argv = [a.format(m=user_module) for a in argv]
     if "--out" not in argv:
         argv += ["--out", "model.pt2"]
-    before = sorted(os.listdir(tmp_path))
+    before = written_files(tmp_path)
     code, out, err = run_cli(capsys, "quantize", *argv, "--report", "rep")
     assert code == 1
     assert err.count("\n") == 1 and err.startswith("qcore: error: "), err
     assert re.search(message, err), err
     assert "Traceback" not in err
-    assert sorted(os.listdir(tmp_path)) == before
+    assert written_files(tmp_path) == before
 
 
 def test_unwritable_report_dir_leaves_no_model(capsys, user_module, tmp_path):
@@ -243,13 +249,13 @@ def test_quantize_qat_rereads_a_generator_loader_each_epoch(capsys, user_module,
     ],
 )
 def test_bad_qat_flags_are_usage_errors(capsys, user_module, tmp_path, argv, message):
-    before = sorted(os.listdir(tmp_path))
+    before = written_files(tmp_path)
     code, out, err = run_cli(
         capsys, "quantize", f"{user_module}:make_model", "--calibration", f"{user_module}:labelled_batches", "--out", "model.pt2", *argv
     )
     assert code == 2
     assert re.search(message, err), err
-    assert sorted(os.listdir(tmp_path)) == before
+    assert written_files(tmp_path) == before
 
 
 @pytest.mark.parametrize(
@@ -266,12 +272,12 @@ def test_bad_qat_flags_are_usage_errors(capsys, user_module, tmp_path, argv, mes
 )
 def test_qat_without_targets_is_a_one_line_error_that_leaves_nothing(capsys, user_module, tmp_path, argv, message):
     argv = [a.format(m=user_module) for a in argv]
-    before = sorted(os.listdir(tmp_path))
+    before = written_files(tmp_path)
     code, out, err = run_cli(capsys, "quantize", f"{user_module}:make_model", *argv, "--out", "model.pt2", "--report", "rep")
     assert code == 1
     assert err.count("\n") == 1 and err.startswith("qcore: error: "), err
     assert re.search(message, err), err
-    assert sorted(os.listdir(tmp_path)) == before
+    assert written_files(tmp_path) == before
 
 
 def test_quantize_help_documents_qat(capsys):

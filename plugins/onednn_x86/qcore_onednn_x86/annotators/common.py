@@ -107,6 +107,9 @@ def claim_partition(nodes: list[Node], output: Node, config: QuantizationConfig,
         annotate_output(output, get_output_act_qspec(config))
     mark_annotated(nodes)
     output.meta[QUANTIZED_PATTERN_OUTPUT] = True
+    annotation = get_annotation(output)
+    if annotation is not None:
+        annotation._is_output_of_quantized_pattern = True  # torchao's x86 flag, for ported code
     return nodes
 
 
