@@ -24,7 +24,7 @@ def attr_value(module: torch.nn.Module, target: str) -> Any:
 
 def constant_tensor(module: torch.nn.Module, node: Any) -> Optional[torch.Tensor]:
     """The tensor a ``get_attr`` node reads, or None (not a get_attr, missing, not a tensor)."""
-    if not isinstance(node, Node) or node.op != "get_attr":
+    if not isinstance(node, Node) or node.op != "get_attr" or not isinstance(node.target, str):
         return None
     try:
         value = attr_value(module, node.target)

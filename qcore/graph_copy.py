@@ -16,10 +16,11 @@ become qcore's classes here.
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import Argument
 
 from qcore.annotation import ANNOTATION_KEY
 from qcore.graph_attrs import attr_value
@@ -99,7 +100,9 @@ def _has_attr_path(module: Any, target: str) -> bool:
 def _copy_graph(old: Graph) -> tuple[Graph, dict[Node, Node]]:
     graph = Graph(tracer_cls=old._tracer_cls)
     node_map: dict[Node, Node] = {}
-    output_val, old_output = graph.graph_copy(old, val_map=node_map, return_output_node=True)
+    # torch's annotation (Argument | None) leaves out the (value, output node) pair return_output_node=True gives
+    copied = graph.graph_copy(old, val_map=node_map, return_output_node=True)
+    output_val, old_output = cast("tuple[Argument, Node]", copied)
     graph._codegen = copy.copy(old._codegen)
     new_output = graph.output(output_val, type_expr=getattr(old_output, "type", None))
     new_output.meta = copy.copy(old_output.meta)

@@ -55,6 +55,7 @@ def qcore_register_backends() -> "list[Backend]":
             return [qcore.Backend(name="xnnpack", quantizer_class=XNNPACKQuantizer,
                                   description="int8 for ExecuTorch's XNNPACK delegate")]
     """
+    raise NotImplementedError  # a specification: pluggy calls the plugins' implementations, never this
 
 
 @hookspec
@@ -78,6 +79,7 @@ def annotate_op(backend: str) -> "list[Annotator]":
                 return [qcore.Annotator(name="sub", fn=annotate_sub)]
             return []
     """
+    raise NotImplementedError  # a specification: pluggy calls the plugins' implementations, never this
 
 
 @hookspec
@@ -156,3 +158,4 @@ def lower_pattern(backend: str) -> "list[LoweringPass]":
                                            after=("prepack_weights",))]
             return []
     """
+    raise NotImplementedError  # a specification: pluggy calls the plugins' implementations, never this

@@ -223,6 +223,8 @@ class CompiledModel(torch.nn.Module):
     switch of a setting that already has the backend's value (each switch costs microseconds).
     """
 
+    compiled: Any  # the torch.compile wrapper, a plain attribute (set in __init__)
+
     def __init__(self, lowered: GraphModule, compiled: Any, settings: dict) -> None:
         super().__init__()
         self.lowered = lowered

@@ -224,7 +224,7 @@ class QcorePluginManager:
                 results.append((plugin_name, result))
         return results
 
-    def records(self, hook_name: str, record_type: type, **kwargs: Any) -> list:
+    def records(self, hook_name: str, record_type: "type[Any]", **kwargs: Any) -> list:
         """The records every plugin returns from ``hook_name``, checked and stamped with their plugin."""
         found = []
         for plugin_name, returned in self.call_each(hook_name, **kwargs):

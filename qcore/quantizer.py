@@ -17,6 +17,7 @@ True
 from __future__ import annotations
 
 import abc
+import functools
 from typing import Any, ClassVar, Optional
 
 from torch.fx import GraphModule
@@ -142,7 +143,7 @@ class BackendQuantizer(Quantizer):
                 if not annotator.runs_in(mode):
                     continue
                 who = f"annotator {annotator.name!r} of plugin {annotator.plugin!r} ({label})"
-                run_guarded(who, model, lambda a=annotator, c=config, f=filter_fn: a.fn(model, c, f))
+                run_guarded(who, model, functools.partial(annotator.fn, model, config, filter_fn))
         return model
 
     def validate(self, model: GraphModule) -> None:
@@ -174,7 +175,7 @@ class ComposableQuantizer(Quantizer):
     def annotate(self, model: GraphModule) -> GraphModule:
         for index, quantizer in enumerate(self.quantizers):
             who = f"quantizer {index} ({type(quantizer).__name__}) of the ComposableQuantizer"
-            run_guarded(who, model, lambda q=quantizer: q.annotate(model))
+            run_guarded(who, model, functools.partial(quantizer.annotate, model))
         return model
 
     def validate(self, model: GraphModule) -> None:

@@ -99,7 +99,7 @@ def pick_backend(choice: str) -> tuple[str, str]:
         return choice, ""
     manager = get_plugin_manager()
     ranked = sorted(manager.backends(include_unavailable=True).values(), key=lambda b: (-b.preference, b.name))
-    skipped = []
+    skipped: list[str] = []
     for backend in ranked:
         reason = backend.is_available()
         if reason is None:
@@ -217,7 +217,8 @@ def walkthrough_quantizer(choice: str) -> tuple[Any, str]:
     name, note = pick_backend(choice)
     record = get_plugin_manager().get_backend(name)
     quantizer_class = record.quantizer_class
-    quantizer = quantizer_class().set_global(quantizer_class.default_config())
+    # default_config is duck-typed: Backend.quantizer_class is any class
+    quantizer = quantizer_class().set_global(getattr(quantizer_class, "default_config")())
     return quantizer, f"{quantizer_class.__name__} ({record.distribution}, backend {name}), its default config{note}"
 
 

@@ -112,7 +112,7 @@ def check_qat_options(
         )
 
 
-def run_train_fn(prepared: GraphModule, train_fn: Callable[[GraphModule], None]) -> TrainingSummary:
+def run_train_fn(prepared: GraphModule, train_fn: Callable[[GraphModule], object]) -> TrainingSummary:
     """Call ``train_fn(prepared)`` with ``prepared`` in train mode (and gradients on)."""
     import qcore
 

@@ -153,9 +153,10 @@ def quantize(
     quantizer = _make_quantizer(backend_record, config, qat, target)
     example_inputs = as_inputs(example_inputs)
 
-    exported = None
+    exported: Optional[GraphModule] = None
     for _ in progress([None], "export"):
         exported = export_model(model, example_inputs, dynamic_shapes=dynamic_shapes, training=qat)
+    assert exported is not None, "progress() must yield the items of the iterable it wraps"
     expected = _input_shapes(exported)
 
     training = None
@@ -174,6 +175,7 @@ def quantize(
                 _check_shapes(inputs, expected, index)
                 return inputs, targets
 
+            assert calibration is not None and qat_epochs is not None  # check_qat_options: both given without train_fn
             training, sample = run_builtin_loop(
                 prepared, calibration, qat_epochs, qat_lr, loss_fn, split_batch, progress
             )

@@ -296,27 +296,27 @@ class QuantizationReport:
         names = [_short(name) for name, _ in rows]
         values = [value for _, value in rows]
         model_qdq = self.qdq_sqnr_db if self.qdq_sqnr_db is not None else self.model_sqnr_db
-        has_model_line = model_qdq is not None and math.isfinite(model_qdq)
-        has_lowered_line = self.lowered_sqnr_db is not None and math.isfinite(self.lowered_sqnr_db)
+        model_line = model_qdq if model_qdq is not None and math.isfinite(model_qdq) else None
+        lowered_line = self.lowered_sqnr_db if self.lowered_sqnr_db is not None and math.isfinite(self.lowered_sqnr_db) else None
 
         figure, axes = plt.subplots(figsize=(8.0, 1.8 + 0.24 * max(len(rows), 1)))
-        colors = ["tab:orange" if has_model_line and value < model_qdq - CHART_MARGIN_DB else "tab:blue" for value in values]
+        colors = ["tab:orange" if model_line is not None and value < model_line - CHART_MARGIN_DB else "tab:blue" for value in values]
         positions = list(range(len(rows)))
         axes.barh(positions, values, color=colors, height=0.7)
         axes.set_yticks(positions, names, fontsize=8)
         axes.set_ylim(len(rows) - 0.5, -0.5)  # first row at the top
-        marks = values + ([model_qdq] if has_model_line else []) + ([self.lowered_sqnr_db] if has_lowered_line else [])
+        marks = values + ([model_line] if model_line is not None else []) + ([lowered_line] if lowered_line is not None else [])
         low, high = min(marks + [0.0]), max(marks + [1.0])
         span = high - low
         axes.set_xlim(low - (0.05 * span if low < 0 else 0), high + 0.12 * span)
         for position, value in zip(positions, values):
             axes.text(max(value, 0.0) + 0.01 * span, position, f"{value:.1f}", va="center", fontsize=7)
-        if has_model_line:
-            axes.axvline(model_qdq, color="tab:red", linestyle="--", linewidth=1,
-                         label=f"model output, q/dq program: {model_qdq:.1f} dB")
-        if has_lowered_line:
-            axes.axvline(self.lowered_sqnr_db, color="black", linestyle=":", linewidth=1.2,
-                         label=f"model output, lowered (what runs): {self.lowered_sqnr_db:.1f} dB")
+        if model_line is not None:
+            axes.axvline(model_line, color="tab:red", linestyle="--", linewidth=1,
+                         label=f"model output, q/dq program: {model_line:.1f} dB")
+        if lowered_line is not None:
+            axes.axvline(lowered_line, color="black", linestyle=":", linewidth=1.2,
+                         label=f"model output, lowered (what runs): {lowered_line:.1f} dB")
         handles, _ = axes.get_legend_handles_labels()
         if "tab:orange" in colors:
             handles.append(Patch(color="tab:orange", label="node more than 3 dB below the q/dq model"))
@@ -474,7 +474,7 @@ def _count_kernels(lowered: GraphModule, outputs: dict) -> list[KernelCount]:
 
 def time_model(fn: Callable[..., Any], inputs: tuple, budget_s: float = 0.5, min_runs: int = 5) -> float:
     """Median milliseconds per call of ``fn(*inputs)`` (no grad), within about ``budget_s`` seconds."""
-    times = []
+    times: list[float] = []
     with torch.no_grad():
         fn(*inputs)  # warm up
         start = time.perf_counter()
@@ -523,13 +523,16 @@ def build_report(
     with_sqnr = []
     for node in nodes:
         bn = folded_batch_norm(exported_by_name[node.name], converted_names)
-        reference_name = batch_norm_output(bn).name if bn is not None else node.name
+        reference_name = node.name
+        if bn is not None:
+            bn_output = batch_norm_output(bn)
+            assert bn_output is not None  # folded_batch_norm only returns a batch norm with an output node
+            reference_name = bn_output.name
         reference, actual = float_outputs.get(reference_name), quant_outputs.get(node.name)
-        comparable = (
+        if (
             node.quantized and reference is not None and actual is not None
             and reference.shape == actual.shape and reference.is_floating_point()
-        )
-        if comparable:
+        ):
             node = attrs.evolve(node, sqnr_db=sqnr_db(reference, actual), sqnr_reference=bn.name if bn is not None else None)
         with_sqnr.append(node)
     qdq_sqnr = _output_sqnr(float_result, quant_result)

@@ -30,6 +30,8 @@ def load_object(spec: str, what: str) -> Any:
             raise CliError(f"{what}: file {module_name} does not exist")
         unique = "qcore_cli_user_" + os.path.splitext(os.path.basename(module_name))[0]
         loader_spec = importlib.util.spec_from_file_location(unique, module_name)
+        if loader_spec is None or loader_spec.loader is None:  # no loader for this file name (not a .py file)
+            raise CliError(f"{what}: {module_name} has no module loader (not a .py file)")
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[unique] = module
         try:

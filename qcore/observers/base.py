@@ -191,8 +191,8 @@ def calculate_qparams_from_min_max(
             min_val, max_val, dtype, qscheme, quant_min, quant_max, eps, has_customized_qrange, who
         )
     if not _check_min_max_valid(min_val, max_val, who):
-        device = min_val.device.type
-        return torch.tensor([1.0], device=device), torch.tensor([0], device=device)
+        device_type = min_val.device.type
+        return torch.tensor([1.0], device=device_type), torch.tensor([0], device=device_type)
 
     min_val_neg = torch.min(min_val, torch.zeros_like(min_val))
     max_val_pos = torch.max(max_val, torch.zeros_like(max_val))

@@ -60,6 +60,8 @@ class FakeQuantize(ObserverOrFakeQuantizeBase):
     zero_point: torch.Tensor
     fake_quant_enabled: torch.Tensor
     observer_enabled: torch.Tensor
+    quant_min: int
+    quant_max: int
 
     def __init__(
         self,
@@ -81,7 +83,7 @@ class FakeQuantize(ObserverOrFakeQuantizeBase):
             observer_kwargs.update(quant_min=quant_min, quant_max=quant_max)
         observer_kwargs["is_dynamic"] = is_dynamic
         self.activation_post_process = observer(**observer_kwargs)
-        post = self.activation_post_process
+        post: Any = self.activation_post_process  # qcore's or torch.ao's observer: duck-typed attributes
         self.quant_min = post.quant_min
         self.quant_max = post.quant_max
         self.is_dynamic = post.is_dynamic
@@ -108,7 +110,7 @@ class FakeQuantize(ObserverOrFakeQuantizeBase):
         self.__dict__["_node_name"] = value
         post = self._modules.get("activation_post_process")
         if post is not None:
-            post.node_name = value
+            setattr(post, "node_name", value)  # an attribute of qcore's observers, not a submodule
 
     # ------------------------------------------------------------------ switches
     def enable_fake_quant(self, enabled: bool = True) -> None:

@@ -231,10 +231,10 @@ class HistogramObserver(ObserverBase):
             fine_counts = torch.from_numpy(
                 np.repeat(histogram.numpy(), self.upsample_rate) / np.float32(self.upsample_rate)
             )
-            mid_points = fine_edges.numpy() + np.float32(0.5) * fine_width.numpy()
-            assignment = np.searchsorted(boundaries.numpy(), mid_points, side="right") - 1
-            np.clip(assignment, 0, self.bins - 1, out=assignment)
-            return torch.bincount(torch.from_numpy(assignment), weights=fine_counts, minlength=self.bins)
+            mid_points_np = fine_edges.numpy() + np.float32(0.5) * fine_width.numpy()
+            assignment_np = np.searchsorted(boundaries.numpy(), mid_points_np, side="right") - 1
+            np.clip(assignment_np, 0, self.bins - 1, out=assignment_np)
+            return torch.bincount(torch.from_numpy(assignment_np), weights=fine_counts, minlength=self.bins)
         histogram = histogram.repeat_interleave(self.upsample_rate) / self.upsample_rate
         mid_points = fine_edges.to(histogram.device) + 0.5 * fine_width
         assignment = torch.bucketize(mid_points, boundaries.to(histogram.device), right=True) - 1
@@ -330,8 +330,8 @@ class HistogramObserver(ObserverBase):
                 has_customized_qrange=self.has_customized_qrange,
                 who=self._who(),
             )
-        new_min, new_max = self._non_linear_param_search()
-        return self._calculate_qparams(new_min, new_max)
+        search_min, search_max = self._non_linear_param_search()
+        return self._calculate_qparams(search_min, search_max)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bins={self.bins}, min_val={self.min_val}, max_val={self.max_val}"

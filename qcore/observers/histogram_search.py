@@ -36,6 +36,7 @@ import bisect
 import functools
 import math
 from array import array
+from types import ModuleType
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -43,6 +44,7 @@ import torch
 
 from qcore.observers.base import to_float32
 
+_search_kernel: Optional[ModuleType]
 try:  # the estimated search, compiled (built with the package when a C compiler is available)
     from qcore.observers import _search_kernel
 except ImportError:  # pragma: no cover - built without a compiler: the numpy search does the same

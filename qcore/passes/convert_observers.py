@@ -176,7 +176,7 @@ def _replace_with_qdq(model: GraphModule, node: Node, module: torch.nn.Module, n
                     raise ConvertError(f"per-channel observer at node {node.name!r} has no ch_axis")
                 scale_node = graph.get_attr(names.register("_scale_", torch.as_tensor(scale)))
                 zp_node = graph.get_attr(names.register("_zero_point_", torch.as_tensor(zero_point)))
-                args = (scale_node, zp_node, int(axis), qmin, qmax, dtype)
+                args: tuple[Any, ...] = (scale_node, zp_node, int(axis), qmin, qmax, dtype)
                 q = graph.call_function(qd.quantize_per_channel.default, (source, *args))
                 dq = graph.call_function(qd.dequantize_per_channel.default, (q, *args), _dq_kwargs(source))
             else:

@@ -25,7 +25,7 @@ else reads them, else under new ones, e.g. when one conv module is called twice)
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch.fx import GraphModule, Node
@@ -137,7 +137,7 @@ def _fold(model: GraphModule, match: ConvertedQatConvBn, tensors: dict[str, Opti
             owner.replace_input_with(match.zero_bias, new_bias)
 
     match.bn_output.replace_all_uses_with(conv)
-    removed = [match.bn_output, match.bn, *match.bn.users, *match.bn.args[:1]]
+    removed = [match.bn_output, match.bn, *match.bn.users, *cast("tuple[Node, ...]", match.bn.args[:1])]
     removed += [a for a in match.bn.all_input_nodes]
     removed += [match.scaled_weight, match.scale_factor, weight_node]
     if match.zero_bias is not None:

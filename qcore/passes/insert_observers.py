@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 import torch
 from torch.fx import GraphModule, Node
@@ -291,7 +291,7 @@ class _SharingGroups:
                 module = _derived_module(spec, sources)
             else:
                 module = create_obs_or_fq(spec, is_qat)
-            module.node_name = _describe(root)  # named in calibration and convert messages
+            setattr(module, "node_name", _describe(root))  # named in calibration and convert messages
             created[root] = module
             building.discard(root)
             return module
@@ -333,6 +333,7 @@ def create_obs_or_fq(spec: Any, is_qat: bool) -> torch.nn.Module:
     """
     from qcore import observers
 
+    kwargs: dict[str, Any]
     if isinstance(spec, FixedQParamsQuantizationSpec):
         kwargs = dict(
             scale=spec.scale,
@@ -348,7 +349,7 @@ def create_obs_or_fq(spec: Any, is_qat: bool) -> torch.nn.Module:
     if not isinstance(spec, QuantizationSpec):
         raise PrepareError(f"cannot build an observer for {spec!r}")
     cls, _ = _unwrap_ctor(spec.observer_or_fake_quant_ctr)
-    kwargs: dict[str, Any] = {
+    kwargs = {
         "dtype": spec.dtype,
         "quant_min": spec.quant_min,
         "quant_max": spec.quant_max,
@@ -425,7 +426,7 @@ class _Inserter:
     def input_for(self, arg: Node, node: Node) -> Node:
         original = arg
         while is_observer_node(original):
-            original = original.args[0]
+            original = cast(Node, original.args[0])  # an observer node's input is a node
         module = self.instances.get((original, node))
         if module is None:
             return arg

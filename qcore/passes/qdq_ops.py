@@ -21,8 +21,8 @@ CHOOSE_QPARAMS_OPS = (qd.choose_qparams.tensor, qd.choose_qparams_symmetric.tens
 
 
 def is_quantize(node: object) -> bool:
-    return getattr(node, "op", None) == "call_function" and node.target in QUANTIZE_OPS
+    return getattr(node, "op", None) == "call_function" and getattr(node, "target", None) in QUANTIZE_OPS
 
 
 def is_dequantize(node: object) -> bool:
-    return getattr(node, "op", None) == "call_function" and node.target in DEQUANTIZE_OPS
+    return getattr(node, "op", None) == "call_function" and getattr(node, "target", None) in DEQUANTIZE_OPS

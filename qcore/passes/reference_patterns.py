@@ -204,7 +204,9 @@ _CONV2D_DEFAULTS = ([1, 1], [0, 0], [1, 1], 1)  # stride, padding, dilation, gro
 
 def _bias_arg(anchor: Node, index: int) -> tuple[bool, Optional[Node]]:
     bias = anchor.args[index] if len(anchor.args) > index else anchor.kwargs.get("bias")
-    return (bias is None or isinstance(bias, Node)), bias
+    if bias is None or isinstance(bias, Node):
+        return True, bias
+    return False, None  # not a node: the callers reject the match
 
 
 def match_static_weighted(anchor: Node) -> Optional[WeightedMatch]:

@@ -13,7 +13,7 @@ With a dynamic config only linear is annotated, and only its input and weight.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import torch
 from torch.fx import GraphModule, Node
@@ -37,8 +37,9 @@ def _annotate_weighted(node: Node, config: QuantizationConfig) -> list[Node]:
     """Input, weight and bias (float: spec None) on ``node``, in that order (the QAT conv-bn
     fusion re-keys the map by position); returns the partition."""
     annotate_input(node, node.args[0], config.input_activation)
-    annotate_input(node, node.args[1], config.weight)
-    partition = [node, node.args[1]]
+    weight = cast(Node, node.args[1])  # a Node: _chain checked it
+    annotate_input(node, weight, config.weight)
+    partition = [node, weight]
     bias = node.args[2] if len(node.args) > 2 else None
     if isinstance(bias, Node):
         annotate_input(node, bias, config.bias)
@@ -84,7 +85,8 @@ def _annotator(ops: tuple, batch_norm: bool = False, relu: bool = False) -> Call
             if chain is None:
                 continue
             op = chain[0]
-            if is_annotated(chain + [op.args[1]]) or not _accepted(filter_fn, chain + [op.args[1]]):
+            weight = cast(Node, op.args[1])  # _chain checked it is a Node
+            if is_annotated(chain + [weight]) or not _accepted(filter_fn, chain + [weight]):
                 continue
             partition = _annotate_weighted(op, config) + chain[1:]
             annotate_output(chain[-1], config.output_activation)

@@ -104,7 +104,8 @@ class BackendConformance:
         if not self.backend:
             raise TypeError(f"{type(self).__name__} must set backend = '<a backend name>'")
         quantizer_class = get_plugin_manager().get_backend(self.backend).quantizer_class
-        return quantizer_class().set_global(quantizer_class.default_config(is_qat=is_qat))
+        # default_config is duck-typed: Backend.quantizer_class is any class
+        return quantizer_class().set_global(getattr(quantizer_class, "default_config")(is_qat=is_qat))
 
     def _lowering_passes_or_skip(self) -> list:
         import pytest

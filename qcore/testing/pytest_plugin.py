@@ -31,7 +31,7 @@ The conformance suite (``qcore.testing.conformance.BackendConformance``) and
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
@@ -92,7 +92,7 @@ def quantize_for_test() -> Callable[..., Any]:
         import qcore
 
         generator = torch.Generator().manual_seed(0)
-        calibration = [
+        calibration: Optional[list[tuple[Any, ...]]] = [
             tuple(torch.randn(t.shape, generator=generator, dtype=t.dtype) if t.is_floating_point() else t for t in example_inputs)
             for _ in range(batches)
         ]
