@@ -169,8 +169,9 @@ def test_readme_opens_with_the_demo_and_the_test_command_that_ci_runs():
     ci_commands = [c for c in _commands((REPO / ".ci" / "run").read_text()) if not c.startswith(("set ", "cd "))]
     assert ci_commands[0] == tests, ".ci/run must run exactly the README's test command first"
     assert ci_commands[1:] == [
-        'python -m pip install "tox>=4,<5" "ruff>=0.6,<1"', "ruff check .", 'python -m tox -e core -- -m "not slow"'
-    ], "after it, .ci/run only lints and runs the core alone"
+        'python -m pip install "tox>=4,<5" "ruff>=0.6,<1" "mypy>=1.10"', "ruff check .", "mypy",
+        'python -m tox -e core -- -m "not slow"',
+    ], "after it, .ci/run only lints, type-checks and runs the core alone"
 
 
 def test_readme_quickstart_runs(capsys, fresh_plugin_manager):
