@@ -289,3 +289,48 @@ def test_mul_recipe_matches_torchao(model_class):
                           prepare=ao.prepare_pt2e, convert=ao.convert_pt2e)
     ours = _convert(model, X86InductorQuantizer().set_global(static()))
     assert qdq_counts(ours) == qdq_counts(theirs)
+
+
+class CatTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(3, 8, 3), nn.Conv2d(16, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.out(torch.cat([y, y], 1))
+
+
+class CatSingle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.cat([self.conv(x)], 1))
+
+
+@pytest.mark.parametrize("model_class", [CatTwice, CatSingle])
+def test_cat_of_one_input_twice_or_alone_runs_on_uint8_with_one_shared_observer(model_class):
+    converted = _convert(model_class().eval(), X86InductorQuantizer().set_global(static()))
+    assert qdq_counts(converted) == (3, 2)  # x, the cat's input, the cat's output (shared qparams)
+    cat = next(n for n in converted.graph.nodes if n.target is torch.ops.aten.cat.default)
+    (quantize,) = cat.users
+    dequantizes = {arg for arg in cat.args[0]}
+    assert all(op_name(d.target) == "dequantize_per_tensor" for d in dequantizes)
+    assert all(d.args[1:3] == quantize.args[1:3] for d in dequantizes)  # input and output: one scale and zero point
+
+
+@pytest.mark.torchao
+@pytest.mark.parametrize("model_class", [CatTwice, CatSingle])
+def test_cat_cases_match_torchao(model_class):
+    pytest.importorskip("torchao")
+    from torchao.quantization.pt2e import quantize_pt2e as ao
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as ao_x86
+
+    model = model_class().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = _convert(model, ao_x86.X86InductorQuantizer().set_global(ao_x86.get_default_x86_inductor_quantization_config()),
+                          prepare=ao.prepare_pt2e, convert=ao.convert_pt2e)
+    assert qdq_counts(_convert(model, X86InductorQuantizer().set_global(static()))) == qdq_counts(theirs)
