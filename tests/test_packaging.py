@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -198,3 +199,13 @@ def test_core_wheel_builds_without_a_c_compiler(tmp_path):
         names = zf.namelist()
     assert "qcore/observers/histogram_search.py" in names
     assert not [n for n in names if "_search_kernel" in n and n.endswith(".so")]
+
+
+def test_warnings_are_errors_and_upstream_ones_are_filtered_by_message(pytestconfig):
+    filters = pytestconfig.getini("filterwarnings")
+    assert filters[0] == "error", "the test config turns every warning into an error"
+    for entry in filters[1:]:
+        action, message, category = entry.split(":")[:3]
+        assert action == "ignore" and message and category.endswith("Warning"), f"filter {entry!r} names no message"
+    with pytest.raises(UserWarning, match="a leaked warning"):
+        warnings.warn("a leaked warning", UserWarning)

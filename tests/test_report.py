@@ -8,6 +8,7 @@ import io
 import types
 import math
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,7 +80,7 @@ def test_latency_and_speedup(mixed_result):
 def test_write_markdown_and_png(mixed_result, tmp_path):
     mixed_result.report.accuracy = {"float": 0.9, "quantized": 0.875}
     path = mixed_result.report.write(tmp_path / "out")
-    markdown = open(path).read()
+    markdown = Path(path).read_text(encoding="utf-8")
     assert "| accuracy | 90.00% | 87.50% |" in markdown
     assert "| sigmoid | aten.sigmoid | float | no onednn annotator handles aten.sigmoid | - |" in markdown
     assert "![per-node SQNR](sqnr.png)" in markdown
@@ -230,7 +231,7 @@ def synthetic_report(count: int) -> QuantizationReport:
 
 
 def _png_size(path) -> tuple[int, int]:
-    header = open(path, "rb").read(24)
+    header = Path(path).read_bytes()[:24]
     assert header.startswith(b"\x89PNG\r\n\x1a\n") and header[12:16] == b"IHDR"
     return struct.unpack(">II", header[16:24])
 
