@@ -29,8 +29,8 @@ from qcore.spec import (
     get_weight_qspec,
 )
 from qcore_xnnpack.matching import (
-    CONV,
-    CONV_TRANSPOSE,
+    CONV_ANY_RANK,
+    CONV_TRANSPOSE_ANY_RANK,
     RELU,
     FilterFn,
     accepted,
@@ -100,20 +100,20 @@ def _annotate_conv_relu(model: GraphModule, config: Optional[QuantizationConfig]
 
 
 def annotate_conv(model: GraphModule, config: Optional[QuantizationConfig], filter_fn: Optional[FilterFn] = None) -> list[list[Node]]:
-    """Annotate every unclaimed conv1d / conv2d the filter accepts."""
-    return _annotate_conv(model, config, filter_fn, CONV, transposed=False)
+    """Annotate every unclaimed conv1d / conv2d / conv3d the filter accepts."""
+    return _annotate_conv(model, config, filter_fn, CONV_ANY_RANK, transposed=False)
 
 
 def annotate_conv_relu(model: GraphModule, config: Optional[QuantizationConfig], filter_fn: Optional[FilterFn] = None) -> list[list[Node]]:
-    """Annotate ``relu(conv(x, w, b))`` for conv1d / conv2d."""
-    return _annotate_conv_relu(model, config, filter_fn, CONV, transposed=False)
+    """Annotate ``relu(conv(x, w, b))`` for conv1d / conv2d / conv3d."""
+    return _annotate_conv_relu(model, config, filter_fn, CONV_ANY_RANK, transposed=False)
 
 
 def annotate_conv_transpose(model: GraphModule, config: Optional[QuantizationConfig], filter_fn: Optional[FilterFn] = None) -> list[list[Node]]:
-    """Annotate every unclaimed conv_transpose1d / conv_transpose2d (extension over the seed)."""
-    return _annotate_conv(model, config, filter_fn, CONV_TRANSPOSE, transposed=True)
+    """Annotate every unclaimed conv_transpose1d / 2d / 3d (extension over the seed; ExecuTorch 1.5.1 has it)."""
+    return _annotate_conv(model, config, filter_fn, CONV_TRANSPOSE_ANY_RANK, transposed=True)
 
 
 def annotate_conv_transpose_relu(model: GraphModule, config: Optional[QuantizationConfig], filter_fn: Optional[FilterFn] = None) -> list[list[Node]]:
     """Annotate ``relu(conv_transpose(x, w, b))``."""
-    return _annotate_conv_relu(model, config, filter_fn, CONV_TRANSPOSE, transposed=True)
+    return _annotate_conv_relu(model, config, filter_fn, CONV_TRANSPOSE_ANY_RANK, transposed=True)

@@ -37,6 +37,11 @@ CONV_TRANSPOSE = (
     aten.conv_transpose2d.input,
     aten.conv_transpose2d,
 )
+#: the plain conv / conv_relu annotators take every rank and padding form ExecuTorch 1.5.1's
+#: quantizer takes (conv3d and ``padding="same"`` among them); conv + batch norm stays 1-D/2-D,
+#: the ranks the QAT fusion rewrites
+CONV_ANY_RANK = CONV + (aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.default, aten.conv3d.padding)
+CONV_TRANSPOSE_ANY_RANK = CONV_TRANSPOSE + (aten.conv_transpose3d.input, aten.conv_transpose3d)
 BATCH_NORM = (aten.batch_norm.default,)
 RELU = (aten.relu.default, aten.relu_.default)
 ADD = (aten.add.Tensor, aten.add_.Tensor)

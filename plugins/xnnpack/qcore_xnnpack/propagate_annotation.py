@@ -6,9 +6,13 @@ and that nothing claimed yet::
     conv ──[obs A]──▶ view ──[Shared(conv)]──▶ permute ──[Shared(view)]──▶ flatten ──▶ ...
 
 Each propagated node gets ``{prev: Shared(prev)}`` and output ``Shared(prev)``, so a chain
-view -> permute -> flatten carries one observer. Only the ops below propagate (the seed's
-list): relu, reshape, transpose, ``slice.Tensor`` and max_pool2d do not (max_pool2d has its
-own annotator). The pass runs after every other annotator of its scope and, unlike the seed,
+view -> permute -> flatten carries one observer. The ops below propagate: ExecuTorch 1.5.1's
+list (the production XNNPACK quantizer), which adds ``relu``, ``max_pool2d``, ``transpose.int``,
+``reshape``, ``slice.Tensor`` and ``dropout`` to the older list of torch.ao / torchao's test
+quantizer; so the ``transpose`` of an attention block's keys carries its producer's observer
+into the ``matmul``. A standalone ``relu`` only: a conv/linear/add + relu was claimed by its
+fused annotator first, and max_pool2d's own annotator claims a pool whose producer is already
+quantized. The pass runs after every other annotator of its scope and, unlike the peers,
 respects the scope filter, so a scope set to None stays float.
 """
 
@@ -26,19 +30,26 @@ from qcore_xnnpack.matching import FilterFn, accepted, is_call
 aten = torch.ops.aten
 
 SHARE_OBSERVER_OPS = (
+    aten.relu.default,
     aten.hardtanh.default,
     aten.hardtanh_.default,
+    aten.max_pool2d.default,
     aten.mean.default,
     aten.mean.dim,
     aten.permute.default,
     aten.permute_copy.default,
+    aten.transpose.int,
     aten.squeeze.dim,
     aten.squeeze_copy.dim,
     aten.adaptive_avg_pool2d.default,
     aten.view_copy.default,
     aten.view.default,
+    aten.reshape.default,
+    aten.slice.Tensor,
     aten.slice_copy.Tensor,
     aten.flatten.using_ints,
+    aten.dropout.default,
+    aten.dropout_.default,
 )
 
 

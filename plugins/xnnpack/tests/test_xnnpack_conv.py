@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import qcore
+from qcore.spec import SharedQuantizationSpec
 from _xnnpack_helpers import annotate, annotation, config, input_map, observer_nodes, qdq_counts, quantize, quantizer
 
 X2D = (torch.randn(1, 3, 8, 8),)
@@ -39,7 +40,8 @@ def test_conv_relu_has_no_observer_between_conv_and_relu():
     assert len(observer_nodes(prepared)) == 3  # conv input, conv weight, relu output; none on the bias
 
 
-def test_conv1d_is_annotated_and_conv3d_is_not():
+def test_conv1d_and_conv3d_are_annotated():
+    # conv3d as ExecuTorch 1.5.1's quantizer (test_xnnpack_executorch_parity.py)
     class Convs(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -50,8 +52,10 @@ def test_conv1d_is_annotated_and_conv3d_is_not():
             return self.c1(x), self.c3(v)
 
     gm = annotate(Convs(), (torch.randn(1, 2, 5), torch.randn(1, 2, 3, 3, 3)), quantizer())
+    cfg = config()
     assert annotation(gm, "conv1d")._annotated
-    assert annotation(gm, "conv3d") is None
+    assert input_map(gm, "conv3d") == {"v": cfg.input_activation, "c3_weight": cfg.weight, "c3_bias": None}
+    assert annotation(gm, "conv3d").output_qspec is cfg.output_activation
 
 
 def test_conv_transpose_relu_is_annotated_like_conv_relu():
@@ -86,8 +90,10 @@ def test_conv_with_a_second_user_is_not_fused_with_relu():
             return torch.relu(y), y
 
     gm = annotate(TwoUsers(), X2D, quantizer())
+    conv = next(n for n in gm.graph.nodes if n.name == "conv2d")
     assert annotation(gm, "conv2d").output_qspec is config().output_activation
-    assert annotation(gm, "relu") is None
+    # not fused: the standalone relu shares the conv's observer (ExecuTorch 1.5.1's propagation list)
+    assert annotation(gm, "relu").output_qspec == SharedQuantizationSpec(conv)
 
 
 EXPECTED_COUNTS = {

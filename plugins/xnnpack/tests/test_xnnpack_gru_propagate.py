@@ -69,19 +69,47 @@ def test_propagation_along_view_permute_flatten():
     assert len({id(prepared.get_submodule(n.target)) for n in outputs}) == 1
 
 
-def test_slice_and_transpose_are_not_propagated():
-    class SliceTranspose(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 8, 1)
+class ExecuTorchShareList(torch.nn.Module):
+    """Each op ExecuTorch 1.5.1 added to the older sharing list, after one conv."""
 
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        pooled = torch.nn.functional.max_pool2d(torch.relu(y.transpose(2, 3)), 2)
+        return y[:, :4], pooled.reshape(1, -1)
+
+
+def test_relu_transpose_slice_reshape_and_max_pool_share_their_producer():
+    # ExecuTorch 1.5.1's list: relu, max_pool2d, transpose.int, reshape, slice.Tensor, dropout
+    gm = annotate(ExecuTorchShareList(), X, quantizer())
+    chain = {"slice_1": "conv2d", "transpose": "conv2d", "relu": "transpose", "max_pool2d": "relu", "reshape": "max_pool2d"}
+    for name, producer in chain.items():
+        prev = next(n for n in gm.graph.nodes if n.name == producer)
+        assert input_map(gm, name) == {producer: SharedQuantizationSpec(prev)}, name
+        assert annotation(gm, name).output_qspec == SharedQuantizationSpec(prev), name
+    prepared = qcore.prepare_pt2e(export(ExecuTorchShareList(), *X), quantizer())
+    outputs = [n for n in observer_nodes(prepared) if n.args[0].op == "call_function"]
+    assert len({id(prepared.get_submodule(n.target)) for n in outputs}) == 1
+
+
+def test_dropout_in_a_training_graph_shares_its_producer():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Dropout(0.5)).train()
+    gm = annotate(model, X, quantizer(), train=True)
+    dropout = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.dropout.default)
+    conv = next(n for n in gm.graph.nodes if n.name == "conv2d")
+    assert annotation(gm, dropout.name).output_qspec == SharedQuantizationSpec(conv)
+
+
+def test_an_unquantized_producer_propagates_nothing():
+    class FloatThenTranspose(torch.nn.Module):
         def forward(self, x):
-            y = self.conv(x)
-            return y[:, :4], y.transpose(1, 2)
+            return torch.sin(x).transpose(2, 3).relu()
 
-    gm = annotate(SliceTranspose(), X, quantizer())
-    assert annotation(gm, "slice_1") is None
-    assert annotation(gm, "transpose") is None
+    gm = annotate(FloatThenTranspose(), X, quantizer())
+    assert annotation(gm, "transpose") is None and annotation(gm, "relu") is None
 
 
 def test_propagation_never_overwrites_a_claimed_node():
