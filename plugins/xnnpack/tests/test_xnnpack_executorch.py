@@ -95,6 +95,7 @@ def _is_quantized_op(name: str) -> bool:
     return name.startswith("quantized_decomposed.")
 
 
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.gru")  # torch.export on nn.GRU
 @pytest.mark.parametrize("name", ["cnn", "cnn_bn", "mlp", "gru", "catmul"])
 @pytest.mark.parametrize("kind", ["static", "per_channel"])
 def test_issue_models_run_on_executorch_with_every_quantized_op_delegated(name, kind, tmp_path):
