@@ -12,6 +12,9 @@
     qcore quantize ... --qat [--qat-epochs N] [--qat-lr X] [--qat-loss L]
                              quantization-aware training on the LOADER's (inputs..., target) batches
     qcore explain PKG.MODULE:FACTORY [--calibration ...]   which ops become integer kernels, and why
+    torchrun --nproc-per-node N -m qcore quantize ...
+                             calibrate on N processes (each its shard of the batches, statistics
+                             synced); rank 0 writes the output and report, the others exit 0
     qcore --debug ...        show the full traceback of an error
 
 Exit codes: 0 success, 1 an error (one line on stderr, no traceback unless ``--debug``),
@@ -116,7 +119,7 @@ def _quantize_from_args(args: argparse.Namespace) -> Any:
         return qcore.quantize(
             model, example_inputs, backend=args.backend, calibration=calibration,
             dynamic_shapes=dynamic_batch(example_inputs, args.dynamic_batch), progress=progress,
-            target=args.target_cpu, **qat_options,
+            target=args.target_cpu, shard_calibration=not getattr(args, "no_shard", False), **qat_options,
         )
 
 
@@ -136,14 +139,33 @@ def _quiet_torch_output(enabled: bool) -> Iterator[None]:
 
 
 def run_quantize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    import os
+    from qcore.distributed.launch import on_rank_zero, process_group_from_environment
 
-    from qcore.app.files import check_writable_dir, check_writable_file, write_report_atomically
+    # under torchrun: every rank calibrates its shard; rank 0 writes, the others wait for it
+    with process_group_from_environment(timeout_s=args.dist_timeout) as collective:
+        if collective.rank == 0:
+            _check_outputs(args)  # before any work
+        result = _quantize_from_args(args)
+        on_rank_zero(lambda: _write_outputs(args, result), what=f"writing {args.out}")
+    if collective.rank != 0:
+        return EXIT_OK
+    return _print_summary(args, result, out)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    from qcore.app.files import check_writable_dir, check_writable_file
 
     check_writable_file(args.out, "--out")
     if args.report:
         check_writable_dir(args.report, "--report")
-    result = _quantize_from_args(args)
+
+
+def _write_outputs(args: argparse.Namespace, result: Any) -> None:
+    import os
+
+    from qcore.app.files import write_report_atomically
+
+    _check_outputs(args)
     result.save(args.out)
     if args.report:
         try:
@@ -151,6 +173,11 @@ def run_quantize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         except BaseException:
             os.remove(args.out)
             raise
+
+
+def _print_summary(args: argparse.Namespace, result: Any, out: TextIO) -> int:
+    import os
+
     report = result.report
     quantized = sum(1 for node in report.nodes if node.quantized)
     if report.training is not None:
@@ -264,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "quantize":
             sub.add_argument("--out", required=True, metavar="FILE", help="where to write the quantized program (.pt2)")
             sub.add_argument("--report", metavar="DIR", help="also write report.md and sqnr.png into DIR")
+            dist = sub.add_argument_group("under torchrun", "torchrun --nproc-per-node N -m qcore quantize ...: rank 0 writes")
+            dist.add_argument(
+                "--no-shard", action="store_true",
+                help="every rank calibrates on all the LOADER's batches (for a loader that shards by rank itself)",
+            )
+            dist.add_argument(
+                "--dist-timeout", type=_positive_float, metavar="SECONDS",
+                help="how long a rank waits for the others before failing (default QCORE_DIST_TIMEOUT or 300)",
+            )
         sub.set_defaults(run=run)
     return parser
 

@@ -105,6 +105,7 @@ def quantize(
     qat_lr: Optional[float] = None,
     loss_fn: Optional[Callable[..., torch.Tensor]] = None,
     target: Optional[str] = None,
+    shard_calibration: bool = True,
 ) -> QuantizeResult:
     """Quantize ``model`` for ``backend``: export, annotate, calibrate (or train), convert, lower, report.
 
@@ -139,6 +140,13 @@ def quantize(
     kept by ``save``/``load``; this machine's target when None), so lowering on other hardware
     can say what it assumed. ``target`` chooses the default config: not with ``config``.
     The user's model is not changed.
+
+    Under ``torchrun`` (a ``torch.distributed`` process group with several ranks; see
+    ``qcore.distributed``): each rank calibrates its share of ``calibration`` (round robin; with
+    ``shard_calibration=False`` all of it, for a loader that already shards), the observers are
+    synced so every rank converts the same program (checked), and ``train_fn`` runs on every rank
+    (wrap the module in DistributedDataParallel there) with fake-quant ranges and batch norms
+    synced after it; the built-in QAT loop does not run distributed.
     """
     import qcore
     from qcore.graph_copy import copy_graph_module
@@ -147,6 +155,9 @@ def quantize(
     from qcore.app.report import build_report
 
     check_qat_options(qat, train_fn, qat_epochs, qat_lr, loss_fn, calibration)
+    from qcore.distributed import calibration as distributed
+
+    distributed.check_distributed_options(qat, train_fn, shard_calibration)
     progress = progress or _no_progress
     manager = get_plugin_manager()
     backend_record = manager.get_backend(backend)  # unknown or unavailable: a clear error now
@@ -169,6 +180,7 @@ def quantize(
         qcore.move_exported_model_to_eval(exported)
         if train_fn is not None:
             training = run_train_fn(prepared, train_fn)
+            distributed.finish_training(prepared)
         else:
             def split_batch(batch: Any, index: int) -> tuple:
                 inputs, targets = _batch_inputs_and_targets(batch, len(expected), index)
@@ -182,7 +194,7 @@ def quantize(
         qcore.move_exported_model_to_eval(prepared)
     else:
         prepared = qcore.prepare_pt2e(exported, quantizer)
-        batches = [example_inputs] if calibration is None else calibration
+        batches = [example_inputs] if calibration is None else distributed.batches_for_this_rank(calibration, shard_calibration)
         count = 0
         with torch.no_grad():
             for index, batch in enumerate(progress(batches, "calibrate")):
@@ -191,9 +203,11 @@ def quantize(
                 prepared(*inputs)
                 sample = sample or inputs
                 count += 1
+        count = distributed.finish_calibration(prepared, count)  # all ranks' batches; observers synced
         if count == 0:
             raise QuantizeError("calibration is empty: give at least one batch (or calibration=None to use example_inputs)")
     converted = qcore.convert_pt2e(prepared)
+    distributed.check_ranks_agree(converted)
     hardware = dict(backend_record.hardware() or {})
     recorded_target = target if target is not None else hardware.get("target")
     if recorded_target is not None and config is None:

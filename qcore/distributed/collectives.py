@@ -19,6 +19,7 @@ raises :class:`DistributedError` with one line that says which operation failed 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
@@ -47,8 +48,12 @@ def is_distributed(group: Any = None) -> bool:
     return dist.get_world_size(group) > 1
 
 
+_SOURCE_LOCATION = re.compile(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*")
+
+
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    text = _SOURCE_LOCATION.sub("", " ".join(str(exc).split()))
+    text = text.split(" GLHF!")[0]
     # gloo's and c10d's messages carry a C++ stack and source locations after the first sentence
     for cut in (" Exception raised from ", " frame #"):
         if cut in text:
