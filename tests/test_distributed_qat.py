@@ -70,12 +70,37 @@ def rank_trains_a_few_steps(out_dir: str) -> dict:
     data = [(torch.randn(8, 1, 8, 8, generator=generator) * (1 + i), torch.randint(0, 4, (8,), generator=generator)) for i in range(4)]
     mine = [(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]) for x, y in data]  # half of each step's batch
     results = {}
+    exported = torch.export.export(copy.deepcopy(model).train(), (mine[0][0],)).module()
+    quantizer = ReferenceQuantizer().set_global(ReferenceQuantizer.default_config(is_qat=True))
     for sync in (True, False):
-        prepared = _ddp_train(_prepare(model, mine[0][0]), mine, lr=0.05, sync=sync)
+        prepared = _ddp_train(qcore.prepare_qat_pt2e(exported, quantizer), mine, lr=0.05, sync=sync)
         converted = qcore.convert_pt2e(prepared)
         bn = {name: buf.clone() for name, buf in prepared.named_buffers() if name.startswith("bn.")}
         results[sync] = {"digest": program_digest(converted), "qparams": qparams(converted), "bn": bn}
     return results
+
+
+def rank_quantizes_with_a_ddp_train_fn(out_dir: str) -> str:
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = SmallConvBn()
+    generator = torch.Generator().manual_seed(2)
+    mine = [(torch.randn(8, 1, 8, 8, generator=generator)[rank * 4:(rank + 1) * 4], torch.randint(0, 4, (8,), generator=generator)[rank * 4:(rank + 1) * 4])
+            for _ in range(4)]
+
+    def train_fn(prepared: torch.fx.GraphModule) -> None:  # the user's loop: DDP, no sync of its own
+        _ddp_train(prepared, mine, lr=0.05, sync=False)
+
+    result = qcore.quantize(model.train(), (mine[0][0],), backend="reference", qat=True, train_fn=train_fn, measure_latency=False)
+    return program_digest(result.converted)  # qcore synced after train_fn
+
+
+@pytest.mark.slow
+def test_quantize_with_a_ddp_train_fn_gives_one_program(tmp_path: Path) -> None:
+    rank0, rank1 = run_ranks("test_distributed_qat", "rank_quantizes_with_a_ddp_train_fn", tmp_path)
+    assert rank0 == rank1
 
 
 def test_ddp_qat_ranks_convert_to_the_same_program(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ with torchrun's environment, a free port and a hard timeout, and kills them if i
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import socket
@@ -34,6 +35,7 @@ from qcore.distributed import (
     shard,
     sync_observers,
 )
+from qcore.errors import QuantizeError
 from qcore.reference import ReferenceQuantizer
 from qcore.spec import QuantizationConfig, QuantizationSpec
 
@@ -139,10 +141,15 @@ def config(kind: str) -> QuantizationConfig:
     return QuantizationConfig(act, act, weight, None, False)
 
 
-def prepare(kind: str) -> torch.fx.GraphModule:
+@functools.lru_cache(maxsize=1)
+def _exported() -> torch.fx.GraphModule:
     batch = torch.export.Dim("batch", min=1, max=64)
-    exported = torch.export.export(make_model(), (batches(1)[0],), dynamic_shapes=({0: batch},)).module()
-    return qcore.prepare_pt2e(exported, ReferenceQuantizer().set_global(config(kind)))
+    return torch.export.export(make_model(), (batches(1)[0],), dynamic_shapes=({0: batch},)).module()
+
+
+def prepare(kind: str) -> torch.fx.GraphModule:
+    """A fresh prepared model (prepare_pt2e copies the exported graph: one export serves all)."""
+    return qcore.prepare_pt2e(_exported(), ReferenceQuantizer().set_global(config(kind)))
 
 
 def qparams(converted: torch.fx.GraphModule) -> list[tuple]:
@@ -175,7 +182,44 @@ KINDS = (("minmax", False), ("histogram", False), ("moving_average", True))
 
 
 def rank_calibrates_half_each_kind(out_dir: str) -> dict:
-    return {kind: rank_calibrates_half(kind, each_batch) for kind, each_batch in KINDS}
+    results: dict[str, Any] = {kind: rank_calibrates_half(kind, each_batch) for kind, each_batch in KINDS}
+    results["quantize"] = rank_runs_quantize()
+    results["mismatch"] = rank_with_a_different_model()
+    return results
+
+
+def quantize_all_batches(**options: Any) -> list:
+    result = qcore.quantize(make_model(), (batches(1)[0],), backend="reference", config=config("minmax"),
+                            measure_latency=False, **options)
+    return qparams(result.converted)
+
+
+def rank_runs_quantize() -> dict:
+    """qcore.quantize on every rank: sharding the calibration (default) or using it as given."""
+    import torch.distributed as dist
+
+    sharded = quantize_all_batches(calibration=batches())
+    mine = batches()[dist.get_rank()::2]
+    as_given = quantize_all_batches(calibration=mine, shard_calibration=False)
+    try:
+        quantize_all_batches(calibration=[(b, torch.zeros(4, dtype=torch.long)) for b in batches()], qat=True, qat_epochs=1)
+        refused = ""
+    except QuantizeError as exc:
+        refused = str(exc)
+    return {"sharded": sharded, "as_given": as_given, "refused": refused}
+
+
+def rank_with_a_different_model() -> str:
+    import torch.distributed as dist
+
+    prepared = prepare("minmax")
+    if dist.get_rank() == 1:
+        prepared.add_module("activation_post_process_99", observers.MinMaxObserver())
+    try:
+        sync_observers(prepared)
+    except qcore.distributed.DistributedError as exc:
+        return str(exc)
+    return ""
 
 
 def rank_calibrates_half(kind: str, sync_each_batch: bool = False) -> dict:
@@ -207,7 +251,7 @@ def one_process(kind: str) -> tuple[list, str]:
 def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One spawn of 2 ranks for every observer kind (the process start-up dominates the time)."""
     ranks = run_ranks("test_distributed_sync", "rank_calibrates_half_each_kind", tmp_path_factory.mktemp("sync"))
-    return {kind: [rank[kind] for rank in ranks] for kind, _ in KINDS}
+    return {key: [rank[key] for rank in ranks] for key in ranks[0]}
 
 
 @pytest.mark.parametrize("kind", ["minmax", "moving_average"])
@@ -257,6 +301,20 @@ def test_histograms_are_the_merge_of_the_halves_and_near_one_stream(two_rank_res
     expected, _ = one_process("histogram")
     per_channel = [(n, s, z) for n, s, z in expected if isinstance(s, list)]
     assert [q for q in rank0["qparams"] if isinstance(q[1], list)] == per_channel  # weights: exact
+
+
+def test_quantize_under_two_ranks_shards_and_matches_one_process(two_rank_results: dict) -> None:
+    expected = quantize_all_batches(calibration=batches())
+    for rank in two_rank_results["quantize"]:
+        assert rank["sharded"] == expected  # each rank calibrated half, synced: bit-equal
+        assert rank["as_given"] == expected  # the user's own shards, shard_calibration=False
+        assert "built-in QAT loop) does not run across processes" in rank["refused"]
+
+
+def test_ranks_with_different_models_are_refused(two_rank_results: dict) -> None:
+    for message in two_rank_results["mismatch"]:
+        assert message.startswith("the ranks disagree on the observers of the model: rank 0 has 6 observers"), message
+        assert "rank 1 has 7 observers" in message
 
 
 def test_single_process_sync_is_a_no_op() -> None:
