@@ -62,4 +62,14 @@ __all__ = [
     "get_plugin_manager",
     "quantize",
     "load",
+    "distributed",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``qcore.distributed`` is imported on first use (it is not needed in one process)."""
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module("qcore.distributed")
+    raise AttributeError(f"module 'qcore' has no attribute {name!r}")
