@@ -339,6 +339,9 @@ def test_unknown_observer_class_is_refused_by_name() -> None:
     prepared._modules[name] = _PluginObserver()
     with pytest.raises(UnsupportedObserverError, match="_PluginObserver"):
         sync_observers(prepared)
+    prepared._modules[name] = observers.FakeQuantize(observer=_PluginObserver)
+    with pytest.raises(UnsupportedObserverError, match=r"_PluginObserver at 'activation_post_process_0\.activation_post_process'"):
+        sync_observers(prepared)
 
 
 def test_a_class_joins_through_register_sync_or_a_method() -> None:

@@ -315,6 +315,9 @@ def sync_observers(prepared: torch.nn.Module, group: Any = None) -> int:
     """
     modules = observer_modules(prepared)
     rules = [(name, module, _rule_for(module, name)) for name, module in modules]
+    for name, module, rule in rules:  # a fake-quantizer's observer too: refused before any collective
+        if rule is _sync_fake_quantize:
+            _rule_for(getattr(module, "activation_post_process"), f"{name}.activation_post_process")
     collective = Collective.of(group)
     if not collective.active:
         return len(rules)
