@@ -8,6 +8,7 @@ is written.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -92,7 +93,7 @@ def _two_ranks_one_failing(tmp_path: Path, how: str, timeout_s: float) -> tuple[
 
 
 def _assert_one_line_and_nothing_written(run: subprocess.CompletedProcess, tmp_path: Path) -> str:
-    assert run.returncode == 1, run.stderr[-3000:]
+    assert run.returncode == 1, run.stderr[-3000:]  # not -6: gloo's destructors are not run after a failure
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("qcore: error:")]
     assert len(errors) == 1 and lines[-1] == errors[0], run.stderr[-3000:]
@@ -104,7 +105,8 @@ def _assert_one_line_and_nothing_written(run: subprocess.CompletedProcess, tmp_p
 def test_a_killed_rank_makes_the_other_fail_with_one_line(tmp_path: Path) -> None:
     run, elapsed = _two_ranks_one_failing(tmp_path, "kill", timeout_s=30)
     line = _assert_one_line_and_nothing_written(run, tmp_path)
-    assert "rank 0 of 2" in line and "a rank died" in line and "Connection closed by peer" in line, line
+    assert "rank 0 of 2" in line and "a rank died" in line, line
+    assert re.search(r"Connection (closed|reset) by peer", line), line  # gloo's words, as the timing falls
     assert elapsed < 30 + 30  # a dead peer is noticed at once, well within the timeout (start-up included)
 
 

@@ -119,8 +119,16 @@ def _quantize_from_args(args: argparse.Namespace) -> Any:
         return qcore.quantize(
             model, example_inputs, backend=args.backend, calibration=calibration,
             dynamic_shapes=dynamic_batch(example_inputs, args.dynamic_batch), progress=progress,
-            target=args.target_cpu, shard_calibration=not getattr(args, "no_shard", False), **qat_options,
+            target=args.target_cpu, shard_calibration=not getattr(args, "no_shard", False),
+            measure_latency=_rank() == 0,  # under torchrun only rank 0 reports (and times alone)
+            **qat_options,
         )
+
+
+def _rank() -> int:
+    from qcore.distributed import Collective
+
+    return Collective(None).rank
 
 
 @contextlib.contextmanager
@@ -142,7 +150,7 @@ def run_quantize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from qcore.distributed.launch import on_rank_zero, process_group_from_environment
 
     # under torchrun: every rank calibrates its shard; rank 0 writes, the others wait for it
-    with process_group_from_environment(timeout_s=args.dist_timeout) as collective:
+    with process_group_from_environment(timeout_s=args.dist_timeout, exit_on_failure=True) as collective:
         if collective.rank == 0:
             _check_outputs(args)  # before any work
         result = _quantize_from_args(args)

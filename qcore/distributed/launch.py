@@ -18,6 +18,7 @@ line, :class:`qcore.distributed.DistributedError`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import hashlib
@@ -57,11 +58,17 @@ def timeout_from_environment(timeout_s: Optional[float] = None) -> float:
 
 
 @contextlib.contextmanager
-def process_group_from_environment(timeout_s: Optional[float] = None, backend: Optional[str] = None) -> Iterator[Collective]:
+def process_group_from_environment(timeout_s: Optional[float] = None, backend: Optional[str] = None,
+                                   exit_on_failure: bool = False) -> Iterator[Collective]:
     """Join the process group described by ``torchrun``'s environment (``WORLD_SIZE`` > 1), for
     the duration of the block; yields a :class:`Collective` (one rank when not under torchrun).
     An already initialised default group is used as it is and left alone.
     ``backend``: default ``QCORE_DIST_BACKEND``, else NCCL with CUDA, else gloo.
+
+    ``exit_on_failure`` (for commands): when the block raises, the group (broken, if a rank
+    died) is not torn down, and the process ends with exit code 1 right after the exception has
+    been reported, without running C++ destructors: gloo's can abort a process whose peer died
+    (``terminate called without an active exception``, exit code -6).
     """
     import torch.distributed as dist
 
@@ -82,8 +89,24 @@ def process_group_from_environment(timeout_s: Optional[float] = None, backend: O
         ) from exc
     try:
         yield Collective(None)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        if not exit_on_failure:
+            dist.destroy_process_group()
+            raise
+        atexit.register(_exit_at_once, 1)  # runs after the caller has printed its one line
+        raise
+    dist.destroy_process_group()
+
+
+def _exit_at_once(code: int) -> None:
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def shard(batches: Iterable[T], group: Any = None, rank: Optional[int] = None, world_size: Optional[int] = None) -> Iterator[T]:
