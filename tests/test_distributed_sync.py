@@ -367,3 +367,25 @@ def test_merge_histograms_refuses_mismatched_observers() -> None:
         merge_histograms([observers.HistogramObserver(bins=8), observers.HistogramObserver(bins=16)])
     with pytest.raises(TypeError, match="MinMaxObserver"):
         merge_histograms([observers.MinMaxObserver()])  # type: ignore[list-item]
+
+
+# --------------------------------------------------------------------------- the README's example
+
+
+def _readme_distributed_example() -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Calibration and QAT across processes"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python\n") + 10)]
+
+
+def rank_runs_the_readme_example(out_dir: str) -> str:
+    namespace: dict = {}
+    exec(compile(_readme_distributed_example(), "README.md distributed example", "exec"), namespace)
+    return program_digest(namespace["quantized"])
+
+
+def test_readme_distributed_example_gives_one_process_program_on_two_ranks(tmp_path: Path) -> None:
+    """The README's example, run as written on 2 gloo ranks (each calibrates half the batches)
+    and in this process (all of them): the same program everywhere."""
+    rank0, rank1 = run_ranks("test_distributed_sync", "rank_runs_the_readme_example", tmp_path)
+    assert rank0 == rank1 == rank_runs_the_readme_example(str(tmp_path))
