@@ -22,6 +22,7 @@ from qcore.passes.fold_batch_norm import fold_batch_norm
 from qcore.passes.fold_conv_bn_qat import fold_conv_bn_qat
 from qcore.passes.fold_weight_quantize import fold_weight_quantize
 from qcore.passes.insert_observers import PREPARED_META
+from qcore.passes.quantize_subgraphs import is_higher_order_call, map_bodies
 from qcore.passes.train_eval import set_training_mode
 from qcore.plugin_manager import get_plugin_manager
 from qcore.records import LoweringContext
@@ -36,16 +37,32 @@ _HOW_TO_EXPORT = (
 )
 
 
-def _check_exported(model: Any, verb: str) -> None:
+def _check_exported(model: Any, verb: str, calls_modules: bool = True) -> None:
+    """Refuse what is not an aten-level GraphModule. Any tracer's graph is accepted when every
+    call is an aten operator (torch.export's, make_fx's, or a torch.fx.symbolic_trace of code
+    that calls torch.ops.aten.* itself), since the annotators match aten operators only; a
+    symbolic_trace graph of torch functions or nn.Modules is refused, naming the first node no
+    annotator could match. ``calls_modules=False`` (prepare) also refuses ``call_module`` nodes
+    other than torch.export's guard function."""
     if not isinstance(model, GraphModule):
         raise NotExportedError(f"{verb} expects an exported torch.fx.GraphModule, got {type(model).__name__}; {_HOW_TO_EXPORT}")
     for node in model.graph.nodes:
         if node.op == "call_function" and not isinstance(node.target, torch._ops.OpOverload):
+            if is_higher_order_call(node):  # control flow: its bodies are GraphModules of their own
+                continue
             if node.target.__module__ in ("_operator", "operator") or getattr(node.target, "__name__", "") == "getitem":
                 continue
             raise NotExportedError(
                 f"{verb} expects an aten-level graph from torch.export, but node {node.name!r} calls "
-                f"{getattr(node.target, '__qualname__', node.target)} (a symbolic_trace graph?); {_HOW_TO_EXPORT}"
+                f"{getattr(node.target, '__qualname__', node.target)} (a symbolic_trace graph?), which no "
+                f"annotator matches (they match torch.ops.aten operators); {_HOW_TO_EXPORT}"
+            )
+        if node.op == "call_module" and not calls_modules and node.target != "_guards_fn" and not is_obs_or_fq_node(model, node):
+            module = model.get_submodule(node.target)
+            raise NotExportedError(
+                f"{verb} expects an aten-level graph from torch.export, but node {node.name!r} calls module "
+                f"{node.target!r} ({type(module).__name__}; a symbolic_trace graph?), which no annotator "
+                f"matches (they match torch.ops.aten operators); {_HOW_TO_EXPORT}"
             )
 
 
@@ -59,7 +76,7 @@ def _check_quantizer(quantizer: Any) -> None:
 
 
 def _prepare(model: GraphModule, quantizer: Any, is_qat: bool, verb: str) -> GraphModule:
-    _check_exported(model, verb)
+    _check_exported(model, verb, calls_modules=False)
     _check_quantizer(quantizer)
     model, _ = copy_graph_module(model, recompile=False)  # insert_observers recompiles
     if not is_qat:
@@ -77,6 +94,7 @@ def _prepare(model: GraphModule, quantizer: Any, is_qat: bool, verb: str) -> Gra
     callback = getattr(quantizer, "prepare_obs_or_fq_callback", None)
     prepared = manager.insert_observers(model, is_qat=is_qat, obs_or_fq_callback=callback if callable(callback) else None)
     prepared.meta[PREPARED_META] = {"is_qat": is_qat}
+    map_bodies(prepared, lambda body: _prepare(body, quantizer, is_qat, verb))  # scan/while_loop/cond bodies
     return prepared
 
 
@@ -138,7 +156,12 @@ def convert_pt2e(
             "convert_pt2e expects a model returned by prepare_pt2e or prepare_qat_pt2e (it has no observers); "
             "call qcore.prepare_pt2e(model, quantizer) and calibrate it first"
         )
+    return _convert(model, use_reference_representation, fold_quantize)
+
+
+def _convert(model: GraphModule, use_reference_representation: bool, fold_quantize: bool) -> GraphModule:
     model, _ = copy_graph_module(model, copy_tensors=False, recompile=False)
+    map_bodies(model, lambda body: _convert(body, use_reference_representation, fold_quantize))
     convert_observers(model)
     fold_conv_bn_qat(model)
     duplicate_dequantize(model)
