@@ -32,6 +32,7 @@ from qcore.pipeline import (
     prepare_pt2e,
     prepare_qat_pt2e,
 )
+from qcore.passes.train_eval import allow_exported_model_train_eval
 from qcore.plugin_manager import get_plugin_manager
 from qcore.app.quantize import load, quantize
 
@@ -57,6 +58,7 @@ __all__ = [
     "convert_pt2e",
     "move_exported_model_to_eval",
     "move_exported_model_to_train",
+    "allow_exported_model_train_eval",
     "lower",
     "compile",
     "get_plugin_manager",

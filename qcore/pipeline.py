@@ -23,7 +23,7 @@ from qcore.passes.fold_conv_bn_qat import fold_conv_bn_qat
 from qcore.passes.fold_weight_quantize import fold_weight_quantize
 from qcore.passes.insert_observers import PREPARED_META
 from qcore.passes.quantize_subgraphs import is_higher_order_call, map_bodies
-from qcore.passes.train_eval import set_training_mode
+from qcore.passes.train_eval import disallow_train_eval, set_training_mode
 from qcore.plugin_manager import get_plugin_manager
 from qcore.records import LoweringContext
 
@@ -94,6 +94,7 @@ def _prepare(model: GraphModule, quantizer: Any, is_qat: bool, verb: str) -> Gra
     callback = getattr(quantizer, "prepare_obs_or_fq_callback", None)
     prepared = manager.insert_observers(model, is_qat=is_qat, obs_or_fq_callback=callback if callable(callback) else None)
     prepared.meta[PREPARED_META] = {"is_qat": is_qat}
+    disallow_train_eval(prepared)  # as torchao's: .train()/.eval() would not switch the graph
     map_bodies(prepared, lambda body: _prepare(body, quantizer, is_qat, verb))  # scan/while_loop/cond bodies
     return prepared
 
@@ -176,6 +177,7 @@ def _convert(model: GraphModule, use_reference_representation: bool, fold_quanti
     model.recompile()
     model.meta.pop(PREPARED_META, None)
     model.meta[CONVERTED_META] = True
+    disallow_train_eval(model)
     return model
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import qcore
@@ -130,3 +131,114 @@ def test_batch_counter_counts_only_in_training_like_eager():
     qcore.move_exported_model_to_train(gm)
     gm(x)
     assert int(counter) == 2
+
+
+# --------------------------------------------------------------------------- in-place dropout
+class LinearInplaceDropout(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 6)
+        self.dropout = torch.nn.Dropout(0.5, inplace=True)
+        self.feature = torch.nn.Dropout1d(0.25, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature(self.dropout(self.linear(x)))
+
+
+def test_inplace_dropout_is_flipped_both_ways():
+    model = LinearInplaceDropout()
+    x = torch.randn(16, 8, 4)
+    gm = _export(model.train(), x)
+    (dropout,) = _calls(gm, aten.dropout_.default)
+    (alpha,) = _calls(gm, aten.feature_dropout_.default)
+    assert dropout.args[1:] == (0.5, True) and alpha.args[1:] == (0.25, True)
+    qcore.move_exported_model_to_eval(gm)
+    assert dropout.args[1:] == (0.5, False) and alpha.args[1:] == (0.25, False)
+    torch.testing.assert_close(gm(x), model.linear(x))  # both dropouts are the identity in eval
+    qcore.move_exported_model_to_train(gm)
+    assert dropout.args[1:] == (0.5, True) and alpha.args[1:] == (0.25, True)
+    eager = copy.deepcopy(model).train()
+    torch.manual_seed(3)
+    got = gm(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, eager(x))
+    assert not torch.allclose(got, model.linear(x))
+
+
+# --------------------------------------------------------------------------- a batch norm called twice
+class SharedBn(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(self.bn(self.conv(x))))
+
+
+def test_batch_norm_called_twice_counts_twice_in_train_and_never_in_eval():
+    model = SharedBn()
+    x = torch.randn(2, 3, 5, 5)
+    gm = _export(model.train(), x)
+    counters = _calls(gm, aten.add_.Tensor)
+    assert len(counters) == 2 and counters[1].args[0] is counters[0]  # the chain export writes
+    gm(x)
+    assert int(gm.bn.num_batches_tracked) == 2
+    qcore.move_exported_model_to_eval(gm)
+    assert [c.args[1] for c in counters] == [0, 0]
+    mean = gm.bn.running_mean.clone()
+    out = gm(x)
+    assert int(gm.bn.num_batches_tracked) == 2
+    torch.testing.assert_close(gm.bn.running_mean, mean)
+    reference = copy.deepcopy(model).eval()
+    reference.load_state_dict(gm.state_dict(), strict=False)
+    torch.testing.assert_close(out, reference(x))
+    qcore.move_exported_model_to_train(gm)
+    assert [c.args[1] for c in counters] == [1, 1]
+    gm(x)
+    assert int(gm.bn.num_batches_tracked) == 4
+
+
+# --------------------------------------------------------------------------- model.train() / model.eval()
+def _prepared_and_converted():
+    from qcore.testing.toy import ToyLinearQuantizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5))
+    x = torch.randn(8, 4)
+    prepared = qcore.prepare_qat_pt2e(_export(model.train(), x), ToyLinearQuantizer(is_qat=True))
+    prepared(x)
+    return model, x, prepared, qcore.convert_pt2e(prepared)
+
+
+def test_train_and_eval_on_prepared_and_converted_models_raise():
+    _, _, prepared, converted = _prepared_and_converted()
+    for gm in (prepared, converted):
+        for call in (gm.train, gm.eval, lambda: gm.train(False)):
+            with pytest.raises(NotImplementedError, match=r"qcore.move_exported_model_to_eval\(model\)"):
+                call()
+    assert prepared.training  # nothing switched
+
+
+def test_allow_exported_model_train_eval_switches_batch_norm_and_dropout():
+    model, x, prepared, _ = _prepared_and_converted()
+    assert qcore.allow_exported_model_train_eval(prepared) is prepared
+    prepared.eval()
+    assert not prepared.training
+    (bn,) = _calls(prepared, aten.batch_norm.default)
+    (dropout,) = _calls(prepared, aten.dropout.default)
+    assert bn.args[5] is False and dropout.args[2] is False
+    torch.testing.assert_close(prepared(x), prepared(x))  # deterministic in eval
+    prepared.train()
+    assert prepared.training and bn.args[5] is True and dropout.args[2] is True
+    prepared.train(False)
+    assert bn.args[5] is False
+
+
+def test_the_users_exported_module_keeps_its_own_rule():
+    gm = _export(BnDropout(), torch.randn(8, 4, 5))
+    with pytest.raises(NotImplementedError):
+        gm.train()
+    qcore.allow_exported_model_train_eval(gm)
+    gm.eval()
+    (bn,) = _calls(gm, aten.batch_norm.default)
+    assert bn.args[5] is False

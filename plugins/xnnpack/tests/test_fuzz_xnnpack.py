@@ -143,10 +143,6 @@ def _qat_by_hand(graph: RandomGraph) -> tuple:
     return fake_quantized, converted
 
 
-def _has_shared_batch_norm(graph: RandomGraph) -> bool:
-    return any(call.block == "shared_block" and dict(call.params).get("bn") for call in graph.blocks)
-
-
 #: Bugs the fuzzer found that are not fixed yet: name -> (what, does this failure match it).
 #: Each has a strict xfail regression test below; remove the entry when that test passes.
 KNOWN_QAT_BUGS = {
@@ -154,11 +150,6 @@ KNOWN_QAT_BUGS = {
         "QAT of conv_transpose2d: the per-channel weight fake-quantizer (axis 1) calls "
         "torch.fused_moving_avg_obs_fake_quant, which supports axis 0 only (qcore/observers/fake_quantize.py)",
         lambda graph, exc: "conv_transpose" in graph.block_names and "only supported on axis == 0" in str(exc)),
-    "qat_shared_batch_norm_counter": (
-        "a BatchNorm module called twice: move_exported_model_to_eval leaves the second num_batches_tracked.add_ "
-        "counting (qcore/passes/train_eval.py: its first argument is the first add_, not the buffer), so "
-        "qcore.quantize(qat=True) running its eval float reference increments the user's num_batches_tracked",
-        lambda graph, exc: _has_shared_batch_norm(graph) and "num_batches_tracked changed" in str(exc)),
 }
 
 
@@ -216,7 +207,6 @@ def _train_once(example: tuple):
     return train
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_QAT_BUGS["qat_shared_batch_norm_counter"][0])
 def test_qat_leaves_a_shared_batch_norm_of_the_users_model_unchanged():
     torch.manual_seed(0)
     model = _SharedConvBnTwice().eval()
