@@ -71,6 +71,7 @@ __all__ = [
     "RandomGraph",
     "TensorSpec",
     "assert_state_unchanged",
+    "distillation_train_fn",
     "edge_differences",
     "explain_differences",
     "fuzz_settings",
@@ -1126,6 +1127,32 @@ def assert_state_unchanged(model: torch.nn.Module, snapshot: dict) -> None:
         assert torch.equal(after, before), f"parameter {name} changed"
         assert grad_after == grad_before, f"parameter {name}: requires_grad {grad_before} -> {grad_after}"
     assert [(n, m.training) for n, m in model.named_modules()] == snapshot["training"], "train/eval mode changed"
+
+
+def distillation_train_fn(graph: "RandomGraph", model: torch.nn.Module, steps: int = 2,
+                          lr: float = 1e-3) -> Callable[[torch.nn.Module], None]:
+    """A QAT ``train_fn`` for a random graph: ``steps`` SGD steps (one per calibration batch)
+    pulling the prepared model's outputs towards the float ``model``'s (mean squared error).
+
+    The targets are computed now, from ``model`` as it is; the returned function trains the
+    prepared module in place. A graph without trainable parameters still runs the batches, so
+    its fake-quantizers observe them.
+    """
+    batches = graph.calibration[:steps]
+    with torch.no_grad():
+        targets = [model(*batch) for batch in batches]
+
+    def train(prepared: torch.nn.Module) -> None:
+        parameters = [p for p in prepared.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(parameters, lr=lr) if parameters else None
+        for batch, target in zip(batches, targets):
+            loss = (prepared(*batch) - target).pow(2).mean()
+            if optimizer is not None and loss.requires_grad:
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+
+    return train
 
 
 _QDQ_NAMESPACE = "quantized_decomposed"
