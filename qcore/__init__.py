@@ -12,7 +12,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from qcore.hookspecs import hookimpl
-from qcore.records import Annotator, Backend, LoweringContext, LoweringPass
+from qcore.records import Algorithm, AlgorithmContext, Annotator, Backend, LoweringContext, LoweringPass
 from qcore.spec import (
     DerivedQuantizationSpec,
     FixedQParamsQuantizationSpec,
@@ -35,10 +35,13 @@ from qcore.pipeline import (
 from qcore.passes.train_eval import allow_exported_model_train_eval
 from qcore.plugin_manager import get_plugin_manager
 from qcore.app.quantize import load, quantize
+from qcore.accuracy import sensitivity
 
 __all__ = [
     "__version__",
     "hookimpl",
+    "Algorithm",
+    "AlgorithmContext",
     "Annotator",
     "Backend",
     "LoweringContext",
@@ -64,6 +67,7 @@ __all__ = [
     "get_plugin_manager",
     "quantize",
     "load",
+    "sensitivity",
     "distributed",
 ]
 

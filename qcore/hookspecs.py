@@ -32,7 +32,7 @@ import pluggy
 if TYPE_CHECKING:
     from torch.fx import GraphModule
 
-    from qcore.records import Annotator, Backend, LoweringPass
+    from qcore.records import Algorithm, Annotator, Backend, LoweringPass
 
 PROJECT = "qcore"
 
@@ -157,5 +157,32 @@ def lower_pattern(backend: str) -> "list[LoweringPass]":
                 return [qcore.LoweringPass(name="fuse_my_op", fn=fuse_my_op,
                                            after=("prepack_weights",))]
             return []
+    """
+    raise NotImplementedError  # a specification: pluggy calls the plugins' implementations, never this
+
+
+@hookspec
+def qcore_register_algorithms() -> "list[Algorithm]":
+    """Declare accuracy algorithms that ``qcore.quantize`` can run around calibration.
+
+    ``qcore.quantize(..., algorithms={name: value})`` runs the algorithm named ``name`` with
+    ``value`` (``smooth_quant=0.5`` and ``bias_correction=True`` are the core's own two,
+    registered through this hook like any plugin's). A ``"float"`` algorithm rewrites qcore's
+    copy of the exported float graph before annotation (SmoothQuant); a ``"converted"`` one
+    rewrites the converted q/dq program before lowering (bias correction). Two plugins
+    declaring the same name is an error naming both.
+
+    Returns:
+        A list of :class:`qcore.Algorithm` records: ``fn(model, value, context)`` returns the
+        rewritten ``GraphModule`` (or None after rewriting ``model`` in place); ``context`` is a
+        :class:`qcore.AlgorithmContext` (backend, calibration batches, the float model,
+        ``note(text)`` for the report).
+
+    Example::
+
+        @qcore.hookimpl
+        def qcore_register_algorithms():
+            return [qcore.Algorithm(name="clip_weights", stage="float", fn=clip_weights,
+                                    description="clip each weight to 3 standard deviations")]
     """
     raise NotImplementedError  # a specification: pluggy calls the plugins' implementations, never this

@@ -44,3 +44,10 @@ def annotate_op(backend: str) -> list:
     from qcore.reference.annotators import reference_annotators
 
     return reference_annotators()
+
+
+@hookimpl
+def qcore_register_algorithms() -> list:
+    from qcore.accuracy.plugin import builtin_algorithms
+
+    return builtin_algorithms()

@@ -32,7 +32,7 @@ import pluggy
 
 from qcore import hookspecs
 from qcore.errors import PluginError, UnknownBackendError
-from qcore.records import Annotator, Backend, LoweringPass
+from qcore.records import Algorithm, Annotator, Backend, LoweringPass
 
 ENTRY_POINT_GROUP = "qcore"
 STRICT_ENV = "QCORE_STRICT_PLUGINS"
@@ -295,6 +295,18 @@ class QcorePluginManager:
         if result is None:
             raise PluginError("no plugin inserted observers (is the core plugin blocked?)")
         return result
+
+    def algorithms(self) -> dict[str, Algorithm]:
+        """Every accuracy algorithm the plugins register, by name (the core's first)."""
+        found: dict[str, Algorithm] = {}
+        for record in self.records("qcore_register_algorithms", Algorithm):
+            if record.name in found:
+                raise PluginError(
+                    f"algorithm {record.name!r} is registered by both plugin {found[record.name].plugin!r} "
+                    f"and plugin {record.plugin!r}"
+                )
+            found[record.name] = record
+        return found
 
     def lowering_passes(self, backend: str) -> list[LoweringPass]:
         """Every lowering pass for ``backend``, ordered so each runs after what it declares."""

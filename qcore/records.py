@@ -148,3 +148,48 @@ class LoweringContext:
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
+
+
+ALGORITHM_STAGES = ("float", "converted")
+
+
+@attrs.frozen
+class Algorithm:
+    """An accuracy algorithm, the unit of the ``qcore_register_algorithms`` hook.
+
+    ``name`` is its key in ``qcore.quantize(algorithms={name: value})``; ``stage`` says when it
+    runs: ``"float"`` on qcore's copy of the exported float graph before annotation,
+    ``"converted"`` on the converted q/dq program before lowering. ``fn(model, value, context)``
+    returns the rewritten GraphModule, or None when it rewrote ``model`` in place.
+    ``check(value)`` (optional) raises a ``ValueError`` naming the allowed values.
+
+    >>> Algorithm(name="noop", stage="float", fn=lambda model, value, context: None).stage
+    'float'
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    stage: str = attrs.field()
+    fn: Callable[..., Any] = attrs.field(validator=_check_callable)
+    check: Optional[Callable[[Any], None]] = attrs.field(default=None, validator=_check_callable)
+    description: str = ""
+    plugin: str = ""
+
+    @stage.validator
+    def _check_stage(self, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in ALGORITHM_STAGES:
+            raise ValueError(f"Algorithm {self.name!r}: stage must be one of {', '.join(map(repr, ALGORITHM_STAGES))}, got {value!r}")
+
+
+@attrs.define
+class AlgorithmContext:
+    """What an :class:`Algorithm`'s ``fn`` gets besides the model and its value: the
+    ``backend``, the ``calibration`` batches (tuples of inputs), the exported ``float_model``
+    (eval mode; do not change it) and ``notes`` (``note(text)`` adds a line to the report)."""
+
+    backend: str
+    calibration: list
+    float_model: Any
+    notes: list = attrs.field(factory=list)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)

@@ -11,7 +11,11 @@
     qcore quantize PKG.MODULE:FACTORY --calibration PKG.MODULE:LOADER --out model.pt2 [--report DIR]
     qcore quantize ... --qat [--qat-epochs N] [--qat-lr X] [--qat-loss L]
                              quantization-aware training on the LOADER's (inputs..., target) batches
+    qcore quantize ... --smooth-quant ALPHA --bias-correction --min-sqnr DB
+                             SmoothQuant, bias correction, keep the fewest partitions float that reach DB
     qcore explain PKG.MODULE:FACTORY [--calibration ...]   which ops become integer kernels, and why
+    qcore sensitivity PKG.MODULE:FACTORY [--calibration ...] [--report DIR]
+                             rank the quantized partitions by the output SQNR with only that one float
     torchrun --nproc-per-node N -m qcore quantize ...
                              calibrate on N processes (each its shard of the batches, statistics
                              synced); rank 0 writes the output and report, the others exit 0
@@ -121,6 +125,7 @@ def _quantize_from_args(args: argparse.Namespace) -> Any:
             dynamic_shapes=dynamic_batch(example_inputs, args.dynamic_batch), progress=progress,
             target=args.target_cpu, shard_calibration=not getattr(args, "no_shard", False),
             measure_latency=_rank() == 0,  # under torchrun only rank 0 reports (and times alone)
+            smooth_quant=args.smooth_quant, bias_correction=args.bias_correction, min_sqnr_db=args.min_sqnr,
             **qat_options,
         )
 
@@ -195,12 +200,43 @@ def _print_summary(args: argparse.Namespace, result: Any, out: TextIO) -> int:
     if report.model_sqnr_db is not None:
         measured = f" (lowered, what runs; q/dq program {report.qdq_sqnr_db:.1f} dB)" if report.lowered_sqnr_db is not None else ""
         out.write(f"model output SQNR vs float: {report.model_sqnr_db:.1f} dB{measured}\n")
+    for line in report.accuracy_lines():
+        out.write(line + "\n")
     if report.speedup is not None:
         out.write(
             f"latency: float {report.latency_ms['float']:.3f} ms, int8 {report.latency_ms['quantized']:.3f} ms "
             f"({report.speedup:.2f}x)\n"
         )
     out.write(f"wrote {args.out}" + (f" and {os.path.join(args.report, 'report.md')}" if args.report else "") + "\n")
+    return EXIT_OK
+
+
+def run_sensitivity(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import qcore
+    from qcore.app.demo import pick_backend
+    from qcore.app.report import sensitivity_markdown, write_sensitivity
+    from qcore.app.user_objects import dynamic_batch, model_and_inputs
+    from qcore.plugin_manager import get_plugin_manager
+
+    if args.report:
+        from qcore.app.files import check_writable_dir
+
+        check_writable_dir(args.report, "--report")
+    args.backend, _ = pick_backend(args.backend)
+    get_plugin_manager().get_backend(args.backend)
+    args.qat = False
+    model, example_inputs, calibration = model_and_inputs(args)
+    if calibration is not None and args.calibration_has_labels:
+        calibration = [batch[:-1] for batch in calibration]
+    with _quiet_torch_output(not args.debug):
+        records = qcore.sensitivity(
+            model, example_inputs, backend=args.backend, calibration=calibration,
+            dynamic_shapes=dynamic_batch(example_inputs, args.dynamic_batch), progress=_progress(args),
+        )
+    out.write(f"partition sensitivity for {args.backend}:\n" + sensitivity_markdown(records) + "\n")
+    if args.report:
+        path = write_sensitivity(records, args.report, title=f"Partition sensitivity ({args.backend})")
+        out.write(f"wrote {path}\n")
     return EXIT_OK
 
 
@@ -296,6 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
         qat.add_argument(
             "--qat-loss", choices=("cross_entropy", "mse"), help="loss of (output, target) (default cross_entropy)"
         )
+        accuracy = sub.add_argument_group("accuracy", "beyond plain calibration (post-training only)")
+        accuracy.add_argument(
+            "--smooth-quant", type=_alpha, metavar="ALPHA",
+            help="SmoothQuant: migrate activation outliers into the next linear's weights with strength ALPHA in (0, 1), e.g. 0.5",
+        )
+        accuracy.add_argument(
+            "--bias-correction", action="store_true",
+            help="move each quantized conv/linear's mean output error over the calibration batches into its bias",
+        )
+        accuracy.add_argument(
+            "--min-sqnr", type=float, metavar="DB",
+            help="keep the fewest partitions float (greedy by sensitivity) until the model's output SQNR vs float reaches DB",
+        )
         if name == "quantize":
             sub.add_argument("--out", required=True, metavar="FILE", help="where to write the quantized program (.pt2)")
             sub.add_argument("--report", metavar="DIR", help="also write report.md and sqnr.png into DIR")
@@ -309,6 +358,21 @@ def build_parser() -> argparse.ArgumentParser:
                 help="how long a rank waits for the others before failing (default QCORE_DIST_TIMEOUT or 300)",
             )
         sub.set_defaults(run=run)
+
+    sens = commands.add_parser(
+        "sensitivity", help="rank the quantized partitions by the output SQNR with only that partition kept float"
+    )
+    sens.add_argument("model", metavar="PKG.MODULE:FACTORY", help="a callable returning the model, or (model, example_inputs)")
+    sens.add_argument("--backend", default="auto", metavar="NAME", help="a backend name (see `qcore plugins`), or auto (default)")
+    sens.add_argument(
+        "--calibration", metavar="PKG.MODULE:LOADER",
+        help="a callable returning an iterable of batches (a tensor or a tuple of inputs): calibrates and measures",
+    )
+    sens.add_argument("--calibration-has-labels", action="store_true", help="each batch ends with a label to drop")
+    sens.add_argument("--dynamic-batch", action="store_true", help="make dimension 0 of every input dynamic")
+    sens.add_argument("--report", metavar="DIR", help="also write sensitivity.md and sensitivity.png into DIR")
+    sens.add_argument("--quiet", action="store_true", help="no progress bars")
+    sens.set_defaults(run=run_sensitivity)
     return parser
 
 
@@ -334,12 +398,27 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+    return value
+
+
 def _usage_problem(args: argparse.Namespace) -> Optional[str]:
     """A combination of arguments that cannot work (exit code 2), or None."""
     if getattr(args, "command", None) in ("quantize", "explain") and not args.qat:
         given = [flag for flag, value in (("--qat-epochs", args.qat_epochs), ("--qat-lr", args.qat_lr), ("--qat-loss", args.qat_loss)) if value is not None]
         if given:
             return f"{', '.join(given)} configure{'s' if len(given) == 1 else ''} quantization-aware training: add --qat"
+    if getattr(args, "command", None) in ("quantize", "explain") and args.qat:
+        given = [flag for flag, value in (("--smooth-quant", args.smooth_quant), ("--bias-correction", args.bias_correction or None),
+                                          ("--min-sqnr", args.min_sqnr)) if value is not None]
+        if given:
+            return f"{', '.join(given)} apply to post-training quantization: not with --qat"
     return None
 
 
@@ -361,7 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return stop.status
     if args.command is None:
         parser.print_usage(sys.stderr)
-        sys.stderr.write("qcore: error: missing command; choose one of: plugins, demo, quantize, explain (see `qcore --help`)\n")
+        sys.stderr.write("qcore: error: missing command; choose one of: plugins, demo, quantize, explain, sensitivity (see `qcore --help`)\n")
         return EXIT_USAGE
     problem = _usage_problem(args)
     if problem:

@@ -106,6 +106,14 @@ def quantize(
     loss_fn: Optional[Callable[..., torch.Tensor]] = None,
     target: Optional[str] = None,
     shard_calibration: bool = True,
+    smooth_quant: Optional[float] = None,
+    bias_correction: bool = False,
+    algorithms: Optional[dict] = None,
+    min_sqnr_db: Optional[float] = None,
+    accuracy_fn: Optional[Callable[[Any], float]] = None,
+    max_drop: float = 0.01,
+    max_float: Optional[int] = None,
+    strict: bool = True,
 ) -> QuantizeResult:
     """Quantize ``model`` for ``backend``: export, annotate, calibrate (or train), convert, lower, report.
 
@@ -147,6 +155,22 @@ def quantize(
     synced so every rank converts the same program (checked), and ``train_fn`` runs on every rank
     (wrap the module in DistributedDataParallel there) with fake-quant ranges and batch norms
     synced after it; the built-in QAT loop does not run distributed.
+
+    Accuracy beyond plain calibration (post-training only; see ``qcore.accuracy``):
+
+    * ``smooth_quant=alpha`` (in (0, 1), e.g. 0.5): SmoothQuant before annotation
+      (``qcore.accuracy.smooth_quant``); ``bias_correction=True``: each quantized conv/linear's
+      mean output error over the calibration batches goes into its bias before lowering
+      (``qcore.accuracy.correct_bias``); ``algorithms={name: value}`` runs any algorithm a
+      plugin registers (``qcore_register_algorithms``; the two above are the core's own).
+    * ``min_sqnr_db=35.0``: keep the fewest partitions float (greedy by sensitivity,
+      re-measured) until the output SQNR vs float of what runs, over the calibration batches,
+      reaches the target; ``accuracy_fn(model) -> float`` with ``max_drop``: until the metric
+      on what runs is within ``max_drop`` of the float model's. ``max_float`` partitions at most
+      (default all but one). Unreachable: ``qcore.accuracy.AccuracyTargetError`` naming the
+      best value reached, or with ``strict=False`` a warning and the best model found. The
+      report lists what stayed float and why (``report.kept_float``) and the first ranking
+      (``report.sensitivity``).
     """
     import qcore
     from qcore.graph_copy import copy_graph_module
@@ -158,6 +182,18 @@ def quantize(
     from qcore.distributed import calibration as distributed
 
     distributed.check_distributed_options(qat, train_fn, shard_calibration)
+    chosen = _chosen_algorithms(smooth_quant, bias_correction, algorithms)
+    from qcore.accuracy.accuracy_target import check_target_options
+
+    check_target_options(min_sqnr_db, accuracy_fn, max_drop, max_float, strict)
+    wants_target = min_sqnr_db is not None or accuracy_fn is not None
+    if (chosen or wants_target) and qat:
+        raise QuantizeError(
+            "smooth_quant, bias_correction, algorithms=, min_sqnr_db and accuracy_fn apply to post-training "
+            "quantization: not with qat=True"
+        )
+    if (chosen or wants_target) and _world_size() > 1:
+        raise QuantizeError("smooth_quant, bias_correction, algorithms=, min_sqnr_db and accuracy_fn run in one process: not under torchrun")
     progress = progress or _no_progress
     manager = get_plugin_manager()
     backend_record = manager.get_backend(backend)  # unknown or unavailable: a clear error now
@@ -192,6 +228,13 @@ def quantize(
                 prepared, calibration, qat_epochs, qat_lr, loss_fn, split_batch, progress
             )
         qcore.move_exported_model_to_eval(prepared)
+    elif chosen or wants_target:
+        return _quantize_for_accuracy(
+            exported, quantizer, backend, example_inputs, calibration, chosen, lower, progress, measure_latency,
+            backend_record, config, target, dynamic_shapes,
+            dict(min_sqnr_db=min_sqnr_db, accuracy_fn=accuracy_fn, max_drop=max_drop, max_float=max_float, strict=strict)
+            if wants_target else None,
+        )
     else:
         prepared = qcore.prepare_pt2e(exported, quantizer)
         batches = [example_inputs] if calibration is None else distributed.batches_for_this_rank(calibration, shard_calibration)
@@ -225,6 +268,149 @@ def quantize(
         converted=converted, lowered=lowered, exported=exported, report=report, backend=backend,
         example_inputs=example_inputs, dynamic_shapes=dynamic_shapes,
     )
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _chosen_algorithms(smooth_quant: Any, bias_correction: Any, algorithms: Optional[dict]) -> list:
+    """``[(Algorithm, value)]`` in run order (float stage first), each value checked; unknown names list the installed ones."""
+    from qcore.plugin_manager import get_plugin_manager
+
+    wanted: dict = {}
+    if smooth_quant is not None:
+        wanted["smooth_quant"] = smooth_quant
+    if not isinstance(bias_correction, bool):
+        raise QuantizeError(f"bias_correction must be True or False, got {bias_correction!r}")
+    if bias_correction:
+        wanted["bias_correction"] = True
+    if algorithms is not None:
+        if not isinstance(algorithms, dict):
+            raise QuantizeError(f"algorithms must be a dict {{name: value}}, got {type(algorithms).__name__}")
+        for name, value in algorithms.items():
+            if name in wanted:
+                raise QuantizeError(f"algorithm {name!r} is given twice (as a keyword and in algorithms=)")
+            wanted[name] = value
+    if not wanted:
+        return []
+    installed = get_plugin_manager().algorithms()
+    chosen = []
+    for name, value in wanted.items():
+        record = installed.get(name)
+        if record is None:
+            raise QuantizeError(f"unknown algorithm {name!r}; installed algorithms: {', '.join(sorted(installed)) or 'none'}")
+        if record.check is not None:
+            try:
+                record.check(value)
+            except (TypeError, ValueError) as exc:
+                raise QuantizeError(str(exc)) from exc
+        chosen.append((record, value))
+    return sorted(chosen, key=lambda item: item[0].stage != "float")
+
+
+def _apply_algorithms(model: GraphModule, chosen: list, stage: str, context: Any) -> GraphModule:
+    for record, value in chosen:
+        if record.stage == stage:
+            result = record.fn(model, value, context)
+            if result is not None:
+                if not isinstance(result, GraphModule):
+                    raise QuantizeError(
+                        f"algorithm {record.name!r} of plugin {record.plugin!r} returned {type(result).__name__}; "
+                        f"expected a GraphModule or None"
+                    )
+                model = result
+    return model
+
+
+def _quantize_for_accuracy(
+    exported: GraphModule, quantizer: Any, backend: str, example_inputs: tuple, calibration: Optional[Iterable],
+    chosen: list, lower: bool, progress: ProgressFn, measure_latency: bool, backend_record: Any, config: Any,
+    target: Optional[str], dynamic_shapes: Any, target_options: Optional[dict],
+) -> "QuantizeResult":
+    """The PTQ path of :func:`quantize` with accuracy algorithms and/or a target."""
+    from qcore.accuracy.accuracy_target import search_float_partitions
+    from qcore.accuracy.flow import Flow
+    from qcore.app.report import build_report
+    from qcore.graph_copy import copy_graph_module
+    from qcore.records import AlgorithmContext
+
+    batches = _checked_batches(exported, example_inputs, calibration)
+    context = AlgorithmContext(backend=backend, calibration=batches, float_model=exported)
+    graph, _ = copy_graph_module(exported)
+    graph = _apply_algorithms(graph, chosen, "float", context)
+    float_notes = list(context.notes)
+
+    def finish(converted: GraphModule) -> GraphModule:
+        del context.notes[len(float_notes):]  # the notes of the last build only
+        return _apply_algorithms(converted, chosen, "converted", context)
+
+    flow = Flow(graph, quantizer, backend=backend, calibration=batches, lower=lower, finish=finish, reference=exported)
+    outcome = None
+    if target_options is not None:
+        outcome = search_float_partitions(flow, progress=progress, **target_options)
+        built = outcome.built
+    else:
+        maybe = None
+        for _ in progress([None], "calibrate, convert, lower"):
+            maybe = flow.build({})
+        assert maybe is not None, "progress() must yield the items of the iterable it wraps"
+        built = maybe
+    converted, lowered = built.converted, built.lowered
+    hardware = dict(backend_record.hardware() or {})
+    recorded_target = target if target is not None else hardware.get("target")
+    if recorded_target is not None and config is None:
+        converted.meta["qcore_target"] = recorded_target
+    report = build_report(
+        exported, converted, lowered, backend=backend, sample_inputs=batches[0],
+        measure_latency=measure_latency, hardware=hardware,
+    )
+    report.algorithms = list(context.notes)
+    if outcome is not None:
+        report.accuracy_target = outcome.summary
+        report.kept_float = list(outcome.kept_float)
+        report.sensitivity = list(outcome.sensitivity)
+    return QuantizeResult(
+        converted=converted, lowered=lowered, exported=exported, report=report, backend=backend,
+        example_inputs=example_inputs, dynamic_shapes=dynamic_shapes,
+    )
+
+
+def prepare_flow(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    backend: str,
+    calibration: Optional[Iterable] = None,
+    config: Any = None,
+    lower: bool = True,
+    dynamic_shapes: Any = None,
+) -> Any:
+    """The PTQ flow of :func:`quantize` as a ``qcore.accuracy.flow.Flow`` the accuracy tools
+    run repeatedly: ``model`` exported in eval mode, the backend's quantizer, the calibration
+    batches checked against the exported inputs."""
+    from qcore.accuracy.flow import Flow
+    from qcore.plugin_manager import get_plugin_manager
+
+    backend_record = get_plugin_manager().get_backend(backend)
+    quantizer = _make_quantizer(backend_record, config, False)
+    example_inputs = as_inputs(example_inputs)
+    exported = export_model(model, example_inputs, dynamic_shapes=dynamic_shapes, training=False)
+    batches = _checked_batches(exported, example_inputs, calibration)
+    return Flow(exported, quantizer, backend=backend, calibration=batches, lower=lower)
+
+
+def _checked_batches(exported: GraphModule, example_inputs: tuple, calibration: Optional[Iterable]) -> list:
+    expected = _input_shapes(exported)
+    batches = []
+    for index, batch in enumerate([example_inputs] if calibration is None else calibration):
+        inputs = _batch_inputs(batch, len(expected), index)
+        _check_shapes(inputs, expected, index)
+        batches.append(inputs)
+    if not batches:
+        raise QuantizeError("calibration is empty: give at least one batch (or calibration=None to use example_inputs)")
+    return batches
 
 
 def _make_quantizer(backend_record: Any, config: Any, qat: bool, target: Optional[str] = None) -> Any:

@@ -35,13 +35,17 @@ import attrs
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
+from qcore.accuracy.partitions import ACCURACY_FLOAT_KEY
 from qcore.annotation import ANNOTATION_KEY, kept_float_reason
 from qcore.metrics import sqnr_db
 from qcore.coverage import QUANTIZABLE_OPS
 from qcore.passes.conv_bn_patterns import batch_norm_kind, batch_norm_output
 from qcore.passes.qdq_ops import is_dequantize, is_quantize
 
-__all__ = ["NodeReport", "KernelCount", "TrainingSummary", "QuantizationReport", "build_report", "sqnr_db", "time_model"]
+__all__ = [
+    "NodeReport", "KernelCount", "TrainingSummary", "FloatDecision", "QuantizationReport", "build_report", "sqnr_db", "time_model",
+    "sensitivity_markdown", "write_sensitivity", "write_sensitivity_chart",
+]
 
 _SKIPPED_TARGETS = ("getitem",)
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.quint8, torch.qint8)
@@ -119,6 +123,20 @@ class TrainingSummary:
         return text
 
 
+@attrs.frozen
+class FloatDecision:
+    """A partition ``qcore.quantize(min_sqnr_db=... or accuracy_fn=...)`` kept float: its anchor
+    ``partition``, fused ``nodes``, the ``step`` of the greedy search that chose it, the measure
+    before and after (``before``/``after``: output SQNR in dB, or the user's metric) and ``why``."""
+
+    partition: str
+    nodes: tuple
+    step: int
+    before: float
+    after: float
+    why: str
+
+
 @attrs.define
 class QuantizationReport:
     """The report; see the module docstring. ``accuracy`` is ``{"float": x, "quantized": y}`` when
@@ -142,6 +160,10 @@ class QuantizationReport:
     accuracy: dict = attrs.field(factory=dict)
     title: str = "qcore quantization report"
     training: Optional[TrainingSummary] = None
+    sensitivity: list = attrs.field(factory=list)
+    kept_float: list = attrs.field(factory=list)
+    algorithms: list = attrs.field(factory=list)
+    accuracy_target: Optional[str] = None
 
     @property
     def speedup(self) -> Optional[float]:
@@ -189,10 +211,23 @@ class QuantizationReport:
         if self.kernels:
             lines.append("  integer kernels: " + (", ".join(f"{k.op} x{k.count}" for k in integer) or "none"))
             lines.append("  float ops: " + (", ".join(f"{k.op} x{k.count}" for k in floats) or "none"))
+        for line in self.accuracy_lines():
+            lines.append(f"  {line}")
         for node in self.nodes:
             state = "int8" if node.quantized else "float"
             lines.append(f"  {node.name} ({node.op}): {state}: {node.reason}")
         return "\n".join(lines)
+
+    def accuracy_lines(self) -> list[str]:
+        """What the accuracy options did: the algorithms applied, the target and the partitions kept float."""
+        lines = [f"algorithm {text}" for text in self.algorithms]
+        if self.accuracy_target is not None:
+            lines.append(f"accuracy target: {self.accuracy_target}")
+        for decision in self.kept_float:
+            lines.append(
+                f"kept float: {decision.partition} ({', '.join(decision.nodes)}), step {decision.step}: {decision.why}"
+            )
+        return lines
 
     def to_markdown(self, chart: Optional[str] = None, chart_missing: bool = False) -> str:
         lines = [f"# {self.title}", "", f"Backend: `{self.backend}`", ""]
@@ -221,6 +256,21 @@ class QuantizationReport:
             lines.append(f"- Speedup (float / quantized latency): {self.speedup:.2f}x")
         quantized = sum(1 for n in self.nodes if n.quantized)
         lines += ["", f"{quantized} of {len(self.nodes)} compute nodes run on int8 inputs.", ""]
+        if self.algorithms or self.accuracy_target is not None or self.kept_float:
+            lines += ["## Accuracy", ""]
+            lines += [f"- Algorithm {text}" for text in self.algorithms]
+            if self.accuracy_target is not None:
+                lines.append(f"- Accuracy target: {self.accuracy_target}")
+            if self.kept_float:
+                lines += ["", "Partitions kept float (greedy, by sensitivity):", "",
+                          "| step | partition | nodes | before | after | why |", "| --- | --- | --- | --- | --- | --- |"]
+                for d in self.kept_float:
+                    lines.append(f"| {d.step} | {d.partition} | {', '.join(d.nodes)} | {d.before:.4g} | {d.after:.4g} | {d.why} |")
+            lines.append("")
+        if self.sensitivity:
+            lines += ["## Sensitivity", "", sensitivity_markdown(self.sensitivity), ""]
+            if chart:
+                lines += ["![partition sensitivity](sensitivity.png)", ""]
         lines += [
             "## Nodes",
             "",
@@ -259,6 +309,8 @@ class QuantizationReport:
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         chart = self.write_chart(os.path.join(directory, "sqnr.png"))
+        if self.sensitivity:
+            write_sensitivity_chart(self.sensitivity, os.path.join(directory, "sensitivity.png"), title=f"Partition sensitivity ({self.backend})")
         path = os.path.join(directory, "report.md")
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(self.to_markdown(chart=os.path.basename(chart) if chart else None, chart_missing=chart is None))
@@ -342,6 +394,83 @@ def _db(value: float) -> str:
     return "inf" if math.isinf(value) and value > 0 else f"{value:.1f} dB"
 
 
+# --------------------------------------------------------------------------- sensitivity
+def sensitivity_markdown(records: list) -> str:
+    """A Markdown table of ``qcore.sensitivity`` records, in rank order.
+
+    >>> from qcore.accuracy import SensitivityRecord
+    >>> print(sensitivity_markdown([SensitivityRecord(1, "linear", "linear", ("linear", "relu"), "fc", 30.0, 20.0)]))
+    Output SQNR vs float with all partitions quantized: 20.0 dB. Each row: the output SQNR with only that partition kept float.
+    <BLANKLINE>
+    | rank | partition | nodes | module | SQNR kept float | gain |
+    | --- | --- | --- | --- | --- | --- |
+    | 1 | linear | linear, relu | fc | 30.0 dB | +10.0 dB |
+    """
+    if not records:
+        return "No quantized partition."
+    lines = [
+        f"Output SQNR vs float with all partitions quantized: {_db(records[0].baseline_db)}. "
+        "Each row: the output SQNR with only that partition kept float.",
+        "",
+        "| rank | partition | nodes | module | SQNR kept float | gain |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(records, key=lambda r: r.rank):
+        gain = "inf" if math.isinf(r.gain_db) else f"{r.gain_db:+.1f} dB"
+        lines.append(f"| {r.rank} | {r.partition} | {', '.join(r.nodes)} | {r.module or '-'} | {_db(r.sqnr_db)} | {gain} |")
+    return "\n".join(lines)
+
+
+def write_sensitivity_chart(records: list, path: str, title: str = "Partition sensitivity", max_bars: int = CHART_MAX_BARS) -> Optional[str]:
+    """A PNG of each partition's output SQNR with only it kept float (horizontal bars, rank
+    order, the first ``max_bars``), a dashed line at the fully quantized model's SQNR; None if
+    matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = sorted(records, key=lambda r: r.rank)[:max_bars]
+    finite = [r.sqnr_db for r in rows if math.isfinite(r.sqnr_db)]
+    top = max(finite + [r.baseline_db for r in rows if math.isfinite(r.baseline_db)] + [1.0])
+    values = [r.sqnr_db if math.isfinite(r.sqnr_db) else top * 1.1 for r in rows]
+    figure, axes = plt.subplots(figsize=(8.0, 1.8 + 0.28 * max(len(rows), 1)))
+    positions = list(range(len(rows)))
+    axes.barh(positions, values, color="tab:blue", height=0.7)
+    axes.set_yticks(positions, [_short(f"{r.partition} ({r.module})" if r.module else r.partition) for r in rows], fontsize=8)
+    axes.set_ylim(len(rows) - 0.5, -0.5)
+    for position, record, value in zip(positions, rows, values):
+        axes.text(max(value, 0.0) + 0.01 * top, position, f"{_db(record.sqnr_db)} ({record.gain_db:+.1f})", va="center", fontsize=7)
+    if rows and math.isfinite(rows[0].baseline_db):
+        axes.axvline(rows[0].baseline_db, color="tab:red", linestyle="--", linewidth=1,
+                     label=f"all partitions quantized: {rows[0].baseline_db:.1f} dB")
+        axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, frameon=False)
+    axes.set_xlim(min(0.0, min(values + [0.0])), top * 1.25)
+    axes.set_xlabel("model output SQNR vs float (dB) with only this partition kept float", fontsize=9)
+    axes.set_title(title, fontsize=10, pad=20)
+    axes.grid(axis="x", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_sensitivity(records: list, directory: "str | os.PathLike", title: str = "Partition sensitivity") -> str:
+    """Write ``sensitivity.md`` (the table, and the chart when matplotlib is installed) and
+    ``sensitivity.png`` into ``directory`` (created); returns the Markdown file's path."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    chart = write_sensitivity_chart(records, os.path.join(directory, "sensitivity.png"), title=title)
+    lines = [f"# {title}", "", sensitivity_markdown(records), ""]
+    lines.append("![partition sensitivity](sensitivity.png)" if chart else NO_CHART_NOTE)
+    path = os.path.join(directory, "sensitivity.md")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path
+
+
 # --------------------------------------------------------------------------- building
 class _Recorder(Interpreter):
     """Runs a GraphModule and keeps every node's tensor output by node name."""
@@ -386,6 +515,9 @@ def _is_buffer_update(node: Node) -> bool:
 
 def _float_reason(converted_node: Node, backend: str) -> str:
     """Why a node of the converted graph runs on float inputs (its annotation says if it was claimed)."""
+    accuracy_reason = converted_node.meta.get(ACCURACY_FLOAT_KEY)
+    if accuracy_reason is not None:
+        return accuracy_reason
     annotation = converted_node.meta.get(ANNOTATION_KEY)
     if annotation is not None and getattr(annotation, "_annotated", False):
         producers = [a for a in converted_node.all_input_nodes if _is_compute(a)]
