@@ -37,6 +37,7 @@ from torch.fx import GraphModule, Node
 from qcore.annotation import ANNOTATION_KEY
 from qcore.errors import PrepareError
 from qcore.graph_copy import copy_graph_module
+from qcore.passes.mutations import alias_root, buffer_names, is_buffer_destination, is_mutating_call, mutated_roots
 from qcore.spec import (
     DerivedQuantizationSpec,
     FixedQParamsQuantizationSpec,
@@ -396,6 +397,14 @@ class _Inserter:
         self.next_index = 0
         self.node_of_module: dict[int, list[Node]] = {}
         self.module_name: dict[int, str] = {}
+        self.mutated = mutated_roots(model)  # storage some in-place op writes
+        self._buffers: Optional[set[str]] = None
+
+    @property
+    def buffers(self) -> set[str]:
+        if self._buffers is None:
+            self._buffers = buffer_names(self.model)
+        return self._buffers
 
     def _name_for(self, module: torch.nn.Module) -> str:
         while hasattr(self.model, f"{OBSERVER_PREFIX}{self.next_index}"):
@@ -404,10 +413,10 @@ class _Inserter:
         self.next_index += 1
         return name
 
-    def insert_after(self, node: Node, module: torch.nn.Module) -> Node:
+    def insert_after(self, node: Node, module: torch.nn.Module, before: Optional[Node] = None) -> Node:
         name = self._name_for(module)
         self.model.add_module(name, module)
-        with self.model.graph.inserting_after(node):
+        with self.model.graph.inserting_after(node) if before is None else self.model.graph.inserting_before(before):
             observer = self.model.graph.call_module(name, (node,))
         observer.meta[OBSERVER_META] = True
         val = node.meta.get("val")
@@ -432,6 +441,12 @@ class _Inserter:
             return arg
         if self.instances.get(original) is module:
             return arg
+        if self.mutated and is_mutating_call(node) and is_buffer_destination(node, original, self.buffers):
+            return arg  # the buffer an in-place op writes: observing it would write into a copy
+        if self.mutated and alias_root(original) in self.mutated:
+            # written in place somewhere: observe (and later quantize) the value this node reads,
+            # right before it, not the value at the producer
+            return self.insert_after(arg, module, before=node)
         for user in arg.users:
             if self.module_of(user) is module:
                 return user
