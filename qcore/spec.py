@@ -35,8 +35,21 @@ __all__ = [
     "ctor_key",
 ]
 
-SUPPORTED_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.float16, torch.float32)
+SUPPORTED_DTYPES = (
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float16,
+    torch.float32,
+)
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32)
+#: float8 is quantized like an integer dtype over ``int(finfo.min) .. int(finfo.max)``
+#: (``quantize_per_tensor`` rounds, clamps and casts), so it takes a range and a qscheme.
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+QUANTIZED_DTYPES = INTEGER_DTYPES + FLOAT8_DTYPES
 SUPPORTED_QSCHEMES = (
     torch.per_tensor_affine,
     torch.per_tensor_symmetric,
@@ -58,11 +71,14 @@ def _names(items: tuple) -> str:
 
 
 def dtype_range(dtype: torch.dtype) -> tuple[int, int]:
-    """The (min, max) integer range of an integer dtype.
+    """The (min, max) integer range of an integer dtype (of float8: ``int(finfo)``).
 
-    >>> dtype_range(torch.uint8)
-    (0, 255)
+    >>> dtype_range(torch.uint8), dtype_range(torch.float8_e5m2)
+    ((0, 255), (-57344, 57344))
     """
+    if dtype in FLOAT8_DTYPES:
+        finfo = torch.finfo(dtype)
+        return int(finfo.min), int(finfo.max)
     info = torch.iinfo(dtype)
     return int(info.min), int(info.max)
 
@@ -112,7 +128,7 @@ def _check_int_range(inst: Any, dtype: torch.dtype, quant_min: Any, quant_max: A
         raise ValueError(
             f"{cls}: quant_min ({quant_min}) must be <= quant_max ({quant_max})"
         )
-    if dtype in INTEGER_DTYPES:
+    if dtype in QUANTIZED_DTYPES:
         low, high = dtype_range(dtype)
         for name, value in (("quant_min", quant_min), ("quant_max", quant_max)):
             if value is not None and not low <= value <= high:
@@ -122,8 +138,8 @@ def _check_int_range(inst: Any, dtype: torch.dtype, quant_min: Any, quant_max: A
                 )
     elif quant_min is not None or quant_max is not None:
         raise ValueError(
-            f"{cls}: quant_min/quant_max only apply to integer dtypes "
-            f"({_names(INTEGER_DTYPES)}); {dtype} takes neither"
+            f"{cls}: quant_min/quant_max only apply to integer and float8 dtypes "
+            f"({_names(QUANTIZED_DTYPES)}); {dtype} takes neither"
         )
 
 
@@ -144,9 +160,9 @@ def _check_qscheme(inst: Any, dtype: torch.dtype, qscheme: Any, ch_axis: Any) ->
         raise ValueError(
             f"{cls}: unsupported qscheme {qscheme!r}; allowed: {_names(SUPPORTED_QSCHEMES)}"
         )
-    if qscheme is not None and dtype not in INTEGER_DTYPES:
+    if qscheme is not None and dtype not in QUANTIZED_DTYPES:
         raise ValueError(
-            f"{cls}: qscheme {qscheme} needs an integer dtype ({_names(INTEGER_DTYPES)}); "
+            f"{cls}: qscheme {qscheme} needs an integer or float8 dtype ({_names(QUANTIZED_DTYPES)}); "
             f"{dtype} takes qscheme=None"
         )
     if ch_axis is not None and (isinstance(ch_axis, bool) or not isinstance(ch_axis, int)):
@@ -193,6 +209,11 @@ class QuantizationSpec(QuantizationSpecBase):
         _check_qscheme(self, self.dtype, self.qscheme, self.ch_axis)
         if not isinstance(self.is_dynamic, bool):
             raise TypeError(f"QuantizationSpec: is_dynamic must be True or False, got {self.is_dynamic!r}")
+        if self.is_dynamic and self.dtype in FLOAT8_DTYPES:
+            raise ValueError(
+                f"QuantizationSpec: is_dynamic=True with {self.dtype}: choose_qparams computes "
+                f"integer qparams only; allowed dynamic dtypes: {torch.uint8}, {torch.int8}"
+            )
         if self.is_dynamic and self.qscheme in PER_CHANNEL_QSCHEMES:
             raise ValueError(
                 "QuantizationSpec: is_dynamic=True is for activations, which are quantized "

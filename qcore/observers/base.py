@@ -29,10 +29,12 @@ import numpy as np
 import torch
 
 from qcore.errors import CalibrationError
+from qcore.spec import FLOAT8_DTYPES, INTEGER_DTYPES, dtype_range
 
 _FLOAT32 = struct.Struct("f")
 
 __all__ = [
+    "FLOAT8_DTYPES",
     "INTEGER_DTYPES",
     "ObserverBase",
     "ObserverConstructor",
@@ -44,8 +46,8 @@ __all__ = [
     "to_plain_dtype",
 ]
 
-#: The integer dtypes qcore observers quantize to.
-INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32)
+# INTEGER_DTYPES / FLOAT8_DTYPES (qcore.spec): the dtypes qcore observers quantize to; float8
+# takes the same scale/zero-point math over ``int(finfo.min) .. int(finfo.max)``.
 #: torch's quantized dtypes map to the plain integer dtype with the same range.
 QTYPE_TO_DTYPE = {torch.quint8: torch.uint8, torch.qint8: torch.int8, torch.qint32: torch.int32}
 
@@ -69,11 +71,12 @@ def _names(items: Any) -> str:
     return ", ".join(str(item) for item in items)
 
 
-def _check_integer_dtype(owner: str, dtype: Any) -> torch.dtype:
+def _check_integer_dtype(owner: str, dtype: Any, float8: bool = False) -> torch.dtype:
     plain = to_plain_dtype(dtype)
-    if plain not in INTEGER_DTYPES:
+    allowed = INTEGER_DTYPES + FLOAT8_DTYPES if float8 else INTEGER_DTYPES
+    if plain not in allowed:
         raise TypeError(
-            f"{owner}: dtype {dtype} is not supported; allowed: {_names(INTEGER_DTYPES)} "
+            f"{owner}: dtype {dtype} is not supported; allowed: {_names(allowed)} "
             f"(or {_names(QTYPE_TO_DTYPE)})"
         )
     return plain
@@ -83,6 +86,8 @@ def default_quant_range(dtype: torch.dtype, reduce_range: bool = False) -> tuple
     """The (quant_min, quant_max) torch.ao uses when none is given.
 
     ``reduce_range`` halves the 8-bit ranges (0..127, -64..63) and leaves wider dtypes alone.
+    For float8 it is the format's whole range (torch.ao's 0..15 there is an accident of its
+    bit-width formula, not a range anyone quantizes to).
 
     >>> default_quant_range(torch.int8, reduce_range=True)
     (-64, 63)
@@ -92,8 +97,7 @@ def default_quant_range(dtype: torch.dtype, reduce_range: bool = False) -> tuple
         return (-64, 63) if reduce_range else (-128, 127)
     if dtype == torch.uint8:
         return (0, 127) if reduce_range else (0, 255)
-    info = torch.iinfo(dtype)
-    return int(info.min), int(info.max)
+    return dtype_range(dtype)
 
 
 def resolve_quant_range(
@@ -117,17 +121,17 @@ def resolve_quant_range(
     for name, value in (("quant_min", quant_min), ("quant_max", quant_max)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{owner}: {name} must be an int or None, got {value!r}")
-    info = torch.iinfo(dtype)
+    low, high = dtype_range(dtype)
     for name, value in (("quant_min", quant_min), ("quant_max", quant_max)):
-        if not info.min <= value <= info.max:
+        if not low <= value <= high:
             raise ValueError(
                 f"{owner}: {name}={value} is outside the range of {dtype}; "
-                f"allowed: {info.min} <= quant_min < quant_max <= {info.max}"
+                f"allowed: {low} <= quant_min < quant_max <= {high}"
             )
     if not quant_min <= 0 <= quant_max:
         raise ValueError(
             f"{owner}: the range quant_min={quant_min}, quant_max={quant_max} must include 0 "
-            f"(allowed: {info.min} <= quant_min <= 0 <= quant_max <= {info.max})"
+            f"(allowed: {low} <= quant_min <= 0 <= quant_max <= {high})"
         )
     if quant_min >= quant_max:
         raise ValueError(
@@ -445,6 +449,8 @@ class ObserverBase(ObserverOrFakeQuantizeBase):
 
     #: qschemes the concrete class accepts (the per-channel observers override it).
     allowed_qschemes: tuple = PER_TENSOR_QSCHEMES
+    #: whether the class observes for float8 dtypes (min/max ones do; the histogram does not).
+    supports_float8: bool = True
     eps: torch.Tensor
 
     def __init__(
@@ -462,7 +468,7 @@ class ObserverBase(ObserverOrFakeQuantizeBase):
         type(self)._reject_unknown_kwargs(kwargs)
         super().__init__()
         owner = type(self).__name__
-        self.dtype = _check_integer_dtype(owner, dtype)
+        self.dtype = _check_integer_dtype(owner, dtype, float8=self.supports_float8)
         if qscheme not in self.allowed_qschemes:
             raise ValueError(
                 f"{owner}: qscheme {qscheme} is not supported; allowed: {_names(self.allowed_qschemes)}"

@@ -25,6 +25,7 @@ from torch.ao.quantization import observer as _ao_observer
 
 from qcore.errors import CalibrationError
 from qcore.observers.base import (
+    FLOAT8_DTYPES,
     PER_CHANNEL_QSCHEMES,
     PER_TENSOR_QSCHEMES,
     SYMMETRIC_QSCHEMES,
@@ -88,6 +89,12 @@ class FakeQuantize(ObserverOrFakeQuantizeBase):
         self.quant_max = post.quant_max
         self.is_dynamic = post.is_dynamic
         self.dtype = to_plain_dtype(post.dtype)
+        if self.dtype in FLOAT8_DTYPES:
+            raise TypeError(
+                f"{type(self).__name__}: dtype {self.dtype} cannot be fake-quantized: torch's "
+                f"fake_quantize kernels simulate integer grids only; quantize to float8 after "
+                f"training (prepare_pt2e) or train with an integer dtype"
+            )
         self.qscheme = post.qscheme
         self.ch_axis = getattr(post, "ch_axis", -1)
         if self.qscheme not in PER_TENSOR_QSCHEMES + PER_CHANNEL_QSCHEMES:

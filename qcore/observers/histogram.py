@@ -83,6 +83,8 @@ class HistogramObserver(ObserverBase):
     min_val: torch.Tensor
     max_val: torch.Tensor
 
+    supports_float8 = False  # its search spreads 2**bits integer bins
+
     def __init__(
         self,
         bins: int = 2048,

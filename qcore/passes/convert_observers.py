@@ -14,8 +14,16 @@ observers become ``choose_qparams.tensor -> quantize_per_tensor.tensor ->
 dequantize_per_tensor.tensor`` so scale and zero point are computed at run time; float16
 becomes a round trip through float16; float32 placeholders are removed.
 
+float8 (``torch.float8_e4m3fn`` / ``float8_e5m2``) takes the integer path: ``quantize_per_tensor``
+rounds, clamps to the observer's range and casts to float8; the dequantize returns the input's
+dtype (``out_dtype=torch.bfloat16`` for a bfloat16 model).
+
 An observer that saw no calibration data is a weight's (it reads a constant) — it observes the
 constant now — or an activation's: that point stays float with a warning naming the node.
+
+An observer class that defines ``convert(model, observer_node)`` (torchao's extension point, e.g.
+its affine observers or an int4 observer with custom ops) replaces its own node; qcore checks
+that the node is gone afterwards.
 """
 
 from __future__ import annotations
@@ -32,9 +40,9 @@ from qcore.graph_attrs import constant_tensor
 from qcore.passes.insert_observers import OBSERVER_META, QuantizationWarning
 
 from qcore.passes.qdq_ops import qd
+from qcore.spec import QUANTIZED_DTYPES, dtype_range
 
 PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric, torch.per_channel_affine_float_qparams)
-INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32)
 _QTYPE_TO_DTYPE = {torch.quint8: torch.uint8, torch.qint8: torch.int8, torch.qint32: torch.int32}
 
 
@@ -88,6 +96,10 @@ def convert_observers(model: GraphModule) -> int:
             continue
         module = model.get_submodule(node.target)
         source = node.args[0]
+        if callable(getattr(module, "convert", None)):
+            _convert_by_observer(model, node, module)
+            converted += 1
+            continue
         if not _is_derived(module) and not getattr(module, "is_dynamic", False) and not _has_observed(module):
             constant = constant_tensor(model, source)
             if constant is not None and _is_integer_dtype(module):
@@ -109,12 +121,27 @@ def convert_observers(model: GraphModule) -> int:
     return converted
 
 
+def _convert_by_observer(model: GraphModule, node: Node, module: torch.nn.Module) -> None:
+    """Let an observer that defines ``convert(model, observer_node)`` replace its own node."""
+    name, graph = node.name, model.graph
+    module.convert(model, node)  # type: ignore[operator]
+    erased = getattr(node, "_erased", None)
+    if erased is None:  # an fx without the flag
+        erased = not any(n is node for n in graph.nodes)
+    if not erased:
+        raise ConvertError(
+            f"{type(module).__name__}.convert(model, observer_node) left its node {name!r} in the graph; "
+            f"it must replace the node's uses (node.replace_all_uses_with(new)) and erase it "
+            f"(model.graph.erase_node(node))"
+        )
+
+
 def _is_derived(module: torch.nn.Module) -> bool:
     return "Derived" in type(module).__name__
 
 
 def _is_integer_dtype(module: torch.nn.Module) -> bool:
-    return _plain_dtype(getattr(module, "dtype", torch.float32)) in INTEGER_DTYPES
+    return _plain_dtype(getattr(module, "dtype", torch.float32)) in QUANTIZED_DTYPES
 
 
 def _remove(node: Node) -> None:
@@ -163,13 +190,12 @@ def _replace_with_qdq(model: GraphModule, node: Node, module: torch.nn.Module, n
             dq = graph.call_function(
                 qd.dequantize_per_tensor.tensor, (q, scale, zero_point, qmin, qmax, dtype), _dq_kwargs(source)
             )
-        elif dtype in INTEGER_DTYPES:
+        elif dtype in QUANTIZED_DTYPES:
             scale, zero_point = module.calculate_qparams()
             qscheme = getattr(module, "qscheme", torch.per_tensor_affine)
             qmin, qmax = module.quant_min, module.quant_max
             if qmin is None or qmax is None:
-                info = torch.iinfo(dtype)
-                qmin, qmax = int(info.min), int(info.max)
+                qmin, qmax = dtype_range(dtype)
             if qscheme in PER_CHANNEL:
                 axis = getattr(module, "ch_axis", None)
                 if axis is None:
