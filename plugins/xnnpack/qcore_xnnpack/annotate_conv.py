@@ -20,7 +20,7 @@ from typing import Optional
 
 from torch.fx import GraphModule, Node
 
-from qcore.annotation import annotate_input, annotate_output, is_annotated, mark_annotated
+from qcore.annotation import annotate_input, annotate_output, mark_annotated
 from qcore.spec import (
     QuantizationConfig,
     get_bias_qspec,
@@ -36,6 +36,7 @@ from qcore_xnnpack.matching import (
     accepted,
     is_call,
     only_user_is,
+    ops_claimed,
     transposed_conv_weight_spec,
 )
 
@@ -69,7 +70,7 @@ def _annotate_conv(model: GraphModule, config: Optional[QuantizationConfig], fil
         if not is_call(conv, targets):
             continue
         partition = conv_partition(conv)
-        if partition is None or is_annotated(partition) or not accepted(filter_fn, partition):
+        if partition is None or ops_claimed(partition) or not accepted(filter_fn, partition):
             continue
         annotate_conv_inputs(conv, config, transposed)
         annotate_output(conv, get_output_act_qspec(config))
@@ -90,7 +91,7 @@ def _annotate_conv_relu(model: GraphModule, config: Optional[QuantizationConfig]
         if conv_nodes is None:
             continue
         partition = [relu] + conv_nodes
-        if is_annotated(partition) or not accepted(filter_fn, partition):
+        if ops_claimed(partition) or not accepted(filter_fn, partition):
             continue
         annotate_conv_inputs(conv, config, transposed)
         annotate_output(relu, get_output_act_qspec(config))

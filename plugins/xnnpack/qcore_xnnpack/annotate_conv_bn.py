@@ -21,7 +21,7 @@ from typing import Optional
 
 from torch.fx import GraphModule, Node
 
-from qcore.annotation import annotate_output, is_annotated, mark_annotated
+from qcore.annotation import annotate_output, mark_annotated
 from qcore.spec import QuantizationConfig, get_output_act_qspec
 from qcore_xnnpack.annotate_conv import annotate_conv_inputs, conv_partition
 from qcore_xnnpack.matching import (
@@ -33,6 +33,7 @@ from qcore_xnnpack.matching import (
     accepted,
     is_call,
     only_user_is,
+    ops_claimed,
 )
 
 
@@ -64,7 +65,7 @@ def _annotate_conv_bn(model: GraphModule, config: Optional[QuantizationConfig], 
         if conv_nodes is None:
             continue
         pattern_nodes = conv_nodes + [bn] + ([output] if has_relu else [])
-        if is_annotated(pattern_nodes) or not accepted(filter_fn, pattern_nodes):
+        if ops_claimed(pattern_nodes) or not accepted(filter_fn, pattern_nodes):
             continue
         annotate_conv_inputs(conv, config, transposed)
         annotate_output(output, get_output_act_qspec(config))

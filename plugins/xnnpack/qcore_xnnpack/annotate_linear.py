@@ -27,7 +27,7 @@ from qcore.spec import (
     get_output_act_qspec,
     get_weight_qspec,
 )
-from qcore_xnnpack.matching import LINEAR, RELU, FilterFn, accepted, is_call, only_user_is
+from qcore_xnnpack.matching import LINEAR, RELU, FilterFn, accepted, is_call, only_user_is, ops_claimed
 
 
 def _annotate_linear_inputs(linear: Node, config: Optional[QuantizationConfig]) -> list[Node]:
@@ -72,7 +72,7 @@ def annotate_linear_relu(model: GraphModule, config: Optional[QuantizationConfig
             continue
         bias = linear.args[2] if len(linear.args) > 2 else None
         candidate = [relu, linear, linear.args[1], bias if isinstance(bias, Node) else None]
-        if is_annotated(candidate) or not accepted(filter_fn, candidate):
+        if ops_claimed(candidate) or not accepted(filter_fn, candidate):
             continue
         partition = [relu] + _annotate_linear_inputs(linear, config)
         annotate_output(relu, get_output_act_qspec(config))

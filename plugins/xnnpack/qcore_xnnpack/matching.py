@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from qcore.annotation import get_annotation
+from qcore.annotation import get_annotation, is_annotated
 from qcore.spec import QuantizationConfig
 
 aten = torch.ops.aten
@@ -74,6 +74,18 @@ def accepted(filter_fn: Optional[FilterFn], nodes: Iterable[Optional[Node]]) -> 
     if filter_fn is None:
         return True
     return all(filter_fn(n) for n in nodes if n is not None and n.op == "call_function")
+
+
+def ops_claimed(nodes: Iterable[Optional[Node]]) -> bool:
+    """True if an annotator already claimed one of the partition's ops.
+
+    Parameters (``get_attr`` weights and biases) are not asked: a module called at several sites
+    shares its weight, and each call is its own partition (its weight edge is annotated on that
+    call). ExecuTorch's annotators ask them too, and so skip every call of a shared conv after
+    the first; that conv then reads an int8 input with a float weight, which XNNPACK's runtime
+    refuses when the program is loaded (``Failed to create convolution node``).
+    """
+    return is_annotated([n for n in nodes if n is not None and n.op != "get_attr"])
 
 
 def is_float32_tensor(node: Node) -> bool:

@@ -267,6 +267,24 @@ def _bn_folded_by_torchao(difference, pair) -> bool:
             and any("batch_norm" in pair.op(user.name) and pair.node("b", user.name) is None for user in linear.users))
 
 
+def _is_reused_module_call(node) -> bool:
+    """A conv / linear node from a module the graph calls at several sites (same innermost module, same op)."""
+    stack = node.meta.get("nn_module_stack") if node is not None else None
+    if not stack or node.op != "call_function":
+        return False
+    fqn = list(stack.values())[-1][0]
+    return any(other is not node and other.op == "call_function" and other.target == node.target
+               and list((other.meta.get("nn_module_stack") or {"": ("", None)}).values())[-1][0] == fqn
+               for other in node.graph.nodes)
+
+
+def _at_reused_module_call(difference, pair) -> bool:
+    producer, consumer, _ = difference.key
+    return difference.kind == "only_a" and any(
+        pair.op(name) in ("conv1d", "conv2d", "linear") and _is_reused_module_call(pair.node("a", name))
+        for name in (producer, consumer))
+
+
 #: ops whose output torchao's xnnpack annotators quantize
 PATTERN_OUTPUTS = ("linear", "conv1d", "conv2d", "relu", "hardtanh", "add", "mul")
 
@@ -292,6 +310,11 @@ KNOWN_XNNPACK_DIFFERENCES = [
                     "output, ...) read it; qcore quantizes an output only where a consumer reads it quantized",
                     lambda d, pair: d.kind == "only_b" and d.edge.producer_op in PATTERN_OUTPUTS
                     and pair.quantized_inputs("a", d.edge.consumer) == 0),
+    KnownDifference("shared_module_calls", "found by the fuzzer: a conv / linear module called at several sites "
+                    "shares its weight; the peer's annotators ask whether any node of a partition (the shared weight "
+                    "included) is annotated, so they skip every call after the first, and that call reads an int8 "
+                    "input with a float weight (its .pte fails to load: 'Failed to create convolution node'); qcore "
+                    "quantizes every call", _at_reused_module_call),
 ]
 
 
@@ -355,7 +378,8 @@ def _known(name: str) -> KnownDifference:
 #: ranks (test_xnnpack_executorch_parity.py), so what is left is of kind b (source partitions find
 #: nothing on torch 2.13), kind c (qcore skips a q/dq nothing quantized reads) or issue 19's
 #: linear + BatchNorm1d folding
-KNOWN_EXECUTORCH_DIFFERENCES = [_known("source_partitions"), _known("float_consumer_outputs"), _known("linear_bn1d_fold")]
+KNOWN_EXECUTORCH_DIFFERENCES = [_known("source_partitions"), _known("float_consumer_outputs"), _known("linear_bn1d_fold"),
+                                _known("shared_module_calls")]
 
 
 @pytest.mark.executorch
