@@ -154,7 +154,7 @@ def _check_dtype(inst: Any, dtype: Any) -> None:
         )
 
 
-def _check_qscheme(inst: Any, dtype: torch.dtype, qscheme: Any, ch_axis: Any) -> None:
+def _check_qscheme(inst: Any, dtype: torch.dtype, qscheme: Any, ch_axis: Any, needs_axis: bool = True) -> None:
     cls = type(inst).__name__
     if qscheme is not None and qscheme not in SUPPORTED_QSCHEMES:
         raise ValueError(
@@ -172,7 +172,7 @@ def _check_qscheme(inst: Any, dtype: torch.dtype, qscheme: Any, ch_axis: Any) ->
             f"{cls}: ch_axis={ch_axis} is negative; give the channel dimension as a "
             f"non-negative index (e.g. 0 for conv/linear weights)"
         )
-    if qscheme in PER_CHANNEL_QSCHEMES and ch_axis is None:
+    if needs_axis and qscheme in PER_CHANNEL_QSCHEMES and ch_axis is None:
         raise ValueError(
             f"{cls}: per-channel qscheme {qscheme} needs ch_axis (the channel dimension, "
             f"e.g. 0 for conv/linear weights)"
@@ -206,7 +206,10 @@ class QuantizationSpec(QuantizationSpecBase):
                 f"{self.observer_or_fake_quant_ctr!r}"
             )
         _check_int_range(self, self.dtype, self.quant_min, self.quant_max)
-        _check_qscheme(self, self.dtype, self.qscheme, self.ch_axis)
+        # a per-channel spec without ch_axis takes its observer's default axis (0 for qcore's and
+        # torch.ao's per-channel observers), as torchao's prepare does; prepare warns where that
+        # axis is not the op's channel axis (a transposed conv's weight is axis 1)
+        _check_qscheme(self, self.dtype, self.qscheme, self.ch_axis, needs_axis=False)
         if not isinstance(self.is_dynamic, bool):
             raise TypeError(f"QuantizationSpec: is_dynamic must be True or False, got {self.is_dynamic!r}")
         if self.is_dynamic and self.dtype in FLOAT8_DTYPES:

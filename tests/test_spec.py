@@ -44,7 +44,6 @@ INVALID = [
     (dict(quant_min=1.5), TypeError, r"quant_min must be an int or None, got 1.5"),
     (dict(qscheme="symmetric"), ValueError, r"unsupported qscheme 'symmetric'; allowed: torch.per_tensor_affine"),
     (dict(ch_axis=-1), ValueError, r"ch_axis=-1 is negative"),
-    (dict(qscheme=torch.per_channel_symmetric), ValueError, r"per-channel qscheme torch.per_channel_symmetric needs ch_axis"),
     (dict(dtype=torch.float16, qscheme=torch.per_tensor_affine), ValueError, r"needs an integer or float8 dtype.*torch.float16 takes qscheme=None"),
     (dict(dtype=torch.float32, quant_min=0), ValueError, r"quant_min/quant_max only apply to integer and float8 dtypes"),
     (dict(observer_or_fake_quant_ctr="MinMaxObserver"), TypeError, r"observer_or_fake_quant_ctr must be an observer or fake-quantize class"),

@@ -292,6 +292,8 @@ class _SharingGroups:
                 module = _derived_module(spec, sources)
             else:
                 module = create_obs_or_fq(spec, is_qat)
+                if spec.qscheme in _PER_CHANNEL and spec.ch_axis is None:
+                    _warn_if_default_axis_is_wrong(module, [p for p in self.points if self.find(p) == root])
             setattr(module, "node_name", _describe(root))  # named in calibration and convert messages
             created[root] = module
             building.discard(root)
@@ -368,6 +370,47 @@ def create_obs_or_fq(spec: Any, is_qat: bool) -> torch.nn.Module:
             f"observer class {cls.__name__} does not accept the spec's arguments "
             f"({', '.join(kwargs)}): {exc}"
         ) from exc
+
+
+_PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric, torch.per_channel_affine_float_qparams)
+_aten = torch.ops.aten
+# the weight's output-channel dimension, by the op that reads it as its second argument
+_WEIGHT_CHANNEL_AXIS = {
+    _aten.conv_transpose1d.default: 1,
+    _aten.conv_transpose2d.input: 1,
+    _aten.conv_transpose3d.input: 1,
+    _aten.conv1d.default: 0,
+    _aten.conv2d.default: 0,
+    _aten.conv3d.default: 0,
+    _aten.linear.default: 0,
+}
+
+
+def _observer_axis(module: torch.nn.Module) -> Optional[int]:
+    inner = getattr(module, "activation_post_process", module)  # a fake-quantizer's observer
+    axis = getattr(module, "ch_axis", None)
+    axis = getattr(inner, "ch_axis", axis) if axis in (None, -1) else axis
+    return axis if isinstance(axis, int) else None
+
+
+def _warn_if_default_axis_is_wrong(module: torch.nn.Module, points: list) -> None:
+    """A per-channel spec without ``ch_axis`` takes the observer's default axis (torchao's rule);
+    warn, naming the node, where a weight edge it observes has its channels on another axis."""
+    axis = _observer_axis(module)
+    for point in points:
+        if not isinstance(point, tuple):
+            continue
+        arg, user = point
+        expected = _WEIGHT_CHANNEL_AXIS.get(user.target) if user.op == "call_function" else None
+        if expected is None or len(user.args) < 2 or user.args[1] is not arg or axis == expected:
+            continue
+        warnings.warn(
+            f"the per-channel spec of the weight {arg.name!r} of {user.name!r} ({user.target}) gives no "
+            f"ch_axis, so the observer's default axis {axis} applies; that op's weight has its output "
+            f"channels on axis {expected}: give ch_axis={expected} in the QuantizationSpec",
+            QuantizationWarning,
+            stacklevel=2,
+        )
 
 
 def _derived_module(spec: DerivedQuantizationSpec, sources: list) -> torch.nn.Module:
