@@ -119,6 +119,15 @@ def _collect_points(model: GraphModule) -> dict[Point, Any]:
             continue
         flat_args = _flat_nodes(node.args)
         kwarg_nodes = _flat_nodes(node.kwargs)
+        has_spec = annotation.output_qspec is not None or any(s is not None for s in annotation.input_qspec_map.values())
+        if has_spec and kwarg_nodes and not any(arg in kwarg_nodes for arg in annotation.input_qspec_map):
+            # torchao's rule: a tensor keyword argument of a quantized op would go unobserved
+            name = next(k for k, v in node.kwargs.items() if _flat_nodes(v))
+            raise PrepareError(
+                f"node {node.name!r} ({node.target}) is annotated for quantization and takes the tensor "
+                f"{kwarg_nodes[0].name!r} as keyword argument {name!r}, which cannot be observed; pass "
+                f"tensors positionally, or leave the op unannotated (non-tensor keyword arguments are fine)"
+            )
         for arg, spec in annotation.input_qspec_map.items():
             if spec is None:
                 continue
