@@ -171,6 +171,33 @@ def test_a_real_symbolic_trace_graph_is_still_refused():
         qcore.prepare_pt2e(traced, xnnpack())
 
 
+class AtenLevelLinearRelu(torch.nn.Module):
+    """A module written in aten ops: its symbolic_trace graph is aten-level already."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return torch.ops.aten.relu.default(torch.ops.aten.linear.default(x, self.weight))
+
+
+def test_an_aten_level_symbolic_trace_graph_is_quantized_as_torchao_does():
+    """torchao prepares symbolic_trace graphs that are aten-level enough to annotate; so does qcore
+    (a graph that calls modules is refused with the reason, above)."""
+    torch.manual_seed(0)
+    model = AtenLevelLinearRelu()
+    traced = torch.fx.symbolic_trace(model)
+    prepared = qcore.prepare_pt2e(traced, xnnpack())
+    x = torch.randn(8, 4)
+    prepared(x)
+    converted = qcore.convert_pt2e(prepared)
+    assert _qdq(op_counts(converted)) == {"dequantize_per_tensor": 3, "quantize_per_tensor": 2}
+    assert sqnr_db(model(x), converted(x)) > 30
+    assert [n.op for n in traced.graph.nodes].count("call_module") == 0  # the user's graph is untouched
+    assert not any("quantize" in str(n.target) for n in traced.graph.nodes)
+
+
 @pytest.mark.torchao
 @pytest.mark.parametrize("factory, shape", [(ScanLinear, (6, 2, 4)), (WhileLinear, (2, 4))])
 def test_bodies_match_torchao(factory, shape):
