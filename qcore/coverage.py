@@ -32,6 +32,7 @@ QUANTIZABLE_OPS: dict[Any, str] = {
     aten.conv3d.default: "conv",
     aten.conv_transpose1d.default: "conv_transpose",
     aten.conv_transpose2d.input: "conv_transpose",
+    aten.conv_transpose3d.input: "conv_transpose",
     aten.convolution.default: "conv",
     aten.linear.default: "linear",
     aten.matmul.default: "matmul",

@@ -31,6 +31,10 @@ CASES = [
     ("conv1d", lambda: conv_bn(torch.nn.Conv1d(3, 4, 3), torch.nn.BatchNorm1d(4), relu=False), (2, 3, 10)),
     ("conv_transpose2d", lambda: conv_bn(torch.nn.ConvTranspose2d(3, 4, 3, groups=1), torch.nn.BatchNorm2d(4)), (2, 3, 5, 5)),
     ("grouped_transpose", lambda: conv_bn(torch.nn.ConvTranspose2d(4, 6, 3, groups=2), torch.nn.BatchNorm2d(6)), (2, 4, 5, 5)),
+    ("conv3d", lambda: conv_bn(torch.nn.Conv3d(3, 4, 3), torch.nn.BatchNorm3d(4)), (2, 3, 5, 5, 5)),
+    ("conv_transpose3d", lambda: conv_bn(torch.nn.ConvTranspose3d(4, 6, 3, groups=2), torch.nn.BatchNorm3d(6)), (2, 4, 4, 4, 4)),
+    ("linear", lambda: conv_bn(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4)), (6, 5)),
+    ("linear_no_bias", lambda: conv_bn(torch.nn.Linear(5, 4, bias=False), torch.nn.BatchNorm1d(4), relu=False), (6, 5)),
 ]
 
 
@@ -94,3 +98,34 @@ def test_a_weight_read_twice_is_not_folded():
     with torch.no_grad():
         torch.testing.assert_close(copy(x), exported(x), rtol=1e-5, atol=1e-5)
     assert before.count("batch_norm") == str(copy.graph).count("batch_norm")
+
+
+def test_linear_batch_norm_above_2d_is_not_folded_and_says_why():
+    """BatchNorm1d on [N, C, L] normalises axis 1; the linear maps the last axis: folding is wrong."""
+    model = conv_bn(torch.nn.Linear(5, 5), torch.nn.BatchNorm1d(3), relu=False)  # x: [N, 3, 5]
+    x = torch.randn(2, 3, 5)
+    exported = torch.export.export(model, (x,)).module()
+    copy, _ = copy_graph_module(exported)
+    with pytest.warns(UserWarning, match=r"batch norm '.*' after linear 'linear' is not folded: the linear's input is not 2-D"):
+        assert not fold_batch_norm(copy)
+    assert sum(n.target is aten.batch_norm.default for n in copy.graph.nodes) == 1
+    copy.recompile()
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), model(x))
+
+
+@requires_backend("xnnpack")
+def test_prepare_pt2e_folds_linear_batch_norm_and_quantizes_linear_relu():
+    from qcore_xnnpack import XNNPACKQuantizer, get_symmetric_quantization_config
+
+    model = conv_bn(torch.nn.Linear(8, 6), torch.nn.BatchNorm1d(6))
+    x = torch.randn(16, 8)
+    exported = torch.export.export(model, (x,)).module()
+    prepared = qcore.prepare_pt2e(exported, XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True)))
+    assert not any(n.target is aten.batch_norm.default for n in prepared.graph.nodes)
+    prepared(x)
+    converted = qcore.convert_pt2e(prepared)
+    q_ops = [n for n in converted.graph.nodes if n.target is torch.ops.quantized_decomposed.quantize_per_tensor.default]
+    assert len(q_ops) == 2  # input, relu output: linear -> relu is one partition once BN is folded
+    with torch.no_grad():
+        assert (converted(x) - model(x)).abs().max() < 0.1

@@ -124,6 +124,8 @@ CONV_KINDS = {
     "conv2d": (torch.nn.Conv2d, torch.nn.BatchNorm2d, (2, 3, 8, 8)),
     "conv_transpose1d": (torch.nn.ConvTranspose1d, torch.nn.BatchNorm1d, (2, 3, 10)),
     "conv_transpose2d": (torch.nn.ConvTranspose2d, torch.nn.BatchNorm2d, (2, 3, 8, 8)),
+    "conv3d": (torch.nn.Conv3d, torch.nn.BatchNorm3d, (2, 3, 5, 5, 5)),
+    "conv_transpose3d": (torch.nn.ConvTranspose3d, torch.nn.BatchNorm3d, (2, 3, 4, 4, 4)),
 }
 
 

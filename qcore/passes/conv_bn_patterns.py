@@ -66,8 +66,11 @@ def conv_kinds() -> dict[Any, ConvKind]:
         aten.conv1d.padding: ConvKind("conv1d", transposed=False),
         aten.conv2d.default: ConvKind("conv2d", transposed=False),
         aten.conv2d.padding: ConvKind("conv2d", transposed=False),
+        aten.conv3d.default: ConvKind("conv3d", transposed=False),
+        aten.conv3d.padding: ConvKind("conv3d", transposed=False),
         aten.conv_transpose1d.default: ConvKind("conv_transpose1d", transposed=True),
         aten.conv_transpose2d.input: ConvKind("conv_transpose2d", transposed=True),
+        aten.conv_transpose3d.input: ConvKind("conv_transpose3d", transposed=True),
     }
 
 
@@ -180,6 +183,26 @@ def match_conv_bn(bn: Node) -> Optional[ConvBn]:
     if not isinstance(bn_args.running_var, Node) or not isinstance(bn_args.running_mean, Node):
         return None
     return ConvBn(conv=conv, bn=bn, kind=kind, bn_args=bn_args)
+
+
+#: a linear's weight is ``[out, in]``: folded like an ungrouped conv's
+LINEAR_KIND = ConvKind("linear", transposed=False)
+
+
+def match_linear_bn(bn: Node) -> Optional[ConvBn]:
+    """``bn`` as the end of a float ``linear -> batch_norm`` pair, or None (any input rank; the
+    caller checks that the linear's input is 2-D, the only case where both act on one axis)."""
+    if batch_norm_kind(bn) is None or not bn.args:
+        return None
+    linear = bn.args[0]
+    if not isinstance(linear, Node) or linear.op != "call_function" or linear.target is not aten.linear.default:
+        return None
+    if len(linear.users) != 1 or len(linear.args) < 2:
+        return None
+    bn_args = batch_norm_args(bn)
+    if not isinstance(bn_args.running_var, Node) or not isinstance(bn_args.running_mean, Node):
+        return None
+    return ConvBn(conv=linear, bn=bn, kind=LINEAR_KIND, bn_args=bn_args)
 
 
 # ----------------------------------------------------------------------------- QAT form

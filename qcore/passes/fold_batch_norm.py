@@ -1,4 +1,4 @@
-"""Fold inference-mode batch norm into the conv before it (post-training quantization).
+"""Fold inference-mode batch norm into the conv or linear before it (post-training quantization).
 
 Before (an eval-mode export)::
 
@@ -7,6 +7,11 @@ Before (an eval-mode export)::
 After::
 
     x ──▶ conv(x, w', b') ──▶ y       w' = w·bw/sqrt(rv+eps),  b' = (b − rm)·bw/sqrt(rv+eps) + bb
+
+Convs of 1, 2 and 3 dimensions and their transposed forms (whose weight holds the output
+channels on axis 1). ``linear -> batch_norm`` (a BatchNorm1d after a Linear) folds the same way
+when the linear's input is 2-D ``[N, C]``; above 2-D the batch norm normalises axis 1 while the
+linear maps the last axis, so folding would be wrong: it is skipped with a warning naming the node.
 
 The old flow folded batch norm this way before annotating a model for PTQ, so annotators see
 ``conv -> relu`` and the weight observer sees the weight the deployed kernel uses. Batch norms
@@ -17,6 +22,7 @@ folded tensors are new, the user's are untouched.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -27,8 +33,10 @@ from qcore.passes.conv_bn_patterns import (
     batch_norm_kinds,
     batch_norm_output,
     conv_groups,
+    LINEAR_KIND,
     fold_weight_and_bias,
     match_conv_bn,
+    match_linear_bn,
 )
 
 aten = torch.ops.aten
@@ -55,8 +63,13 @@ def _fake_like(reference: Node, value: torch.Tensor) -> Any:
     return mode.from_tensor(value, static_shapes=True) if mode is not None else value.to("meta")
 
 
+def _linear_input_is_2d(linear: Node) -> bool:
+    val = linear.args[0].meta.get("val") if isinstance(linear.args[0], Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() == 2
+
+
 def fold_batch_norm(model: GraphModule) -> bool:
-    """Fold every foldable eval-mode conv -> batch_norm in place; returns True if any was."""
+    """Fold every foldable eval-mode conv/linear -> batch_norm in place; returns True if any was."""
     graph = model.graph
     readers: dict[str, int] = {}
     for node in graph.nodes:
@@ -64,8 +77,16 @@ def fold_batch_norm(model: GraphModule) -> bool:
             readers[node.target] = readers.get(node.target, 0) + 1
     changed = False
     for bn in list(graph.nodes):
-        match = match_conv_bn(bn)
+        match = match_conv_bn(bn) or match_linear_bn(bn)
         if match is None or _is_training(bn):
+            continue
+        if match.kind is LINEAR_KIND and not _linear_input_is_2d(match.conv):
+            warnings.warn(
+                f"batch norm {bn.name!r} after linear {match.conv.name!r} is not folded: the linear's input "
+                f"is not 2-D, so the batch norm normalises axis 1 while the linear maps the last axis",
+                UserWarning,
+                stacklevel=2,
+            )
             continue
         out = batch_norm_output(bn)
         conv, args = match.conv, match.bn_args
@@ -93,7 +114,7 @@ def fold_batch_norm(model: GraphModule) -> bool:
             running_var,
             args.eps,
             match.kind.transposed,
-            conv_groups(conv),
+            1 if match.kind is LINEAR_KIND else conv_groups(conv),
         )
         weight_name = _fresh_name(model, weight_node.target.replace(".", "_") + "_bn_folded")
         bias_name = _fresh_name(model, weight_node.target.replace(".", "_") + "_bn_folded_bias")
