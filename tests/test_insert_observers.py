@@ -254,3 +254,45 @@ def test_is_qat_does_not_change_the_class_the_spec_names():
         prepared = insert_observers(gm, is_qat=False)
     kinds = [type(prepared.get_submodule(o.target)).__name__ for o in observers(prepared)]
     assert kinds == ["FakeQuantize", "MinMaxObserver"]
+
+
+def test_implicit_sharing_through_clone_and_eq_resolves_without_a_cycle():
+    """x -> clone -> eq(clone, x), SharedQuantizationSpec on clone's output and on eq's second
+    input: the three edges and clone's output share one observer (torchao's regression test for
+    an endless unwrap; qcore groups edges with union-find)."""
+    import qcore
+    from qcore.quantizer import Quantizer
+    from qcore.spec import QuantizationAnnotation, SharedQuantizationSpec
+
+    class CloneEqQuantizer(Quantizer):
+        def annotate(self, model):
+            for node in model.graph.nodes:
+                if node.target not in (torch.ops.aten.clone.default, torch.ops.aten.eq.Tensor):
+                    continue
+                shared = SharedQuantizationSpec((node.args[0], node))
+                if node.target is torch.ops.aten.clone.default:
+                    inputs, output = {node.args[0]: UINT8}, shared
+                else:
+                    inputs, output = {node.args[0]: UINT8, node.args[1]: shared}, None
+                node.meta["quantization_annotation"] = QuantizationAnnotation(
+                    input_qspec_map=inputs, output_qspec=output, allow_implicit_sharing=True, _annotated=True
+                )
+            return model
+
+        def validate(self, model):
+            pass
+
+    class CloneEq(torch.nn.Module):
+        def forward(self, x):
+            return torch.eq(x.clone(), x)
+
+    x = torch.randn(1, 5)
+    prepared = qcore.prepare_pt2e(torch.export.export(CloneEq().eval(), (x,)).module(), CloneEqQuantizer())
+    prepared(x)
+    modules = {id(prepared.get_submodule(o.target)) for o in observers(prepared)}
+    assert len(observers(prepared)) == 2 and len(modules) == 1  # x's observer and clone's, one instance
+    converted = qcore.convert_pt2e(prepared)
+    qparams = {(float(n.args[1]), int(n.args[2])) for n in converted.graph.nodes
+               if n.op == "call_function" and "quantize_per_tensor" in str(n.target)}
+    assert len(qparams) == 1
+    assert torch.equal(converted(x), torch.ones(1, 5, dtype=torch.bool))
