@@ -569,3 +569,23 @@ def copy_of(model: GraphModule) -> GraphModule:
     import copy
 
     return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["add", "add_relu"])
+def test_add_is_fixed_point_integer_arithmetic_in_the_out_dtype_form(relu):
+    """torchao's add_relu reference has 2 out_dtype nodes (one rescale per input); qcore's add and
+    add_relu are that form with integer multipliers and one rounding shift: every node after the
+    input casts is integer, and the result is within half a step (plus rounding ties) of q/dq."""
+    from torch._higher_order_ops.out_dtype import out_dtype
+
+    qdq, reference, inputs, expected = _quantize(AddModel(relu=relu), [(2, 4, 5, 5), (2, 4, 5, 5)], ReferenceTestQuantizer())
+    muls = [n for n in reference.graph.nodes if n.target is out_dtype]
+    assert len(muls) == 2
+    assert all(n.args[:2] == (aten.mul.Tensor, torch.int32) and isinstance(n.args[3], int) for n in muls)
+    assert _count(reference, (aten.round.default, aten.mul.Tensor)) == 0  # no float rescale left
+    assert _count(reference, (aten.__rshift__.Scalar,)) == 1
+    with torch.no_grad():
+        difference = (reference(*inputs) - qdq(*inputs)).abs()
+    step = _output_steps(qdq)[0]
+    assert difference.max().item() <= step * 1.001
+    assert int((difference > step / 2).sum()) <= difference.numel() // 100  # ties and fixed-point error only

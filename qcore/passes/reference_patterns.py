@@ -459,16 +459,46 @@ def emit_static_weighted(emit: Emitter, match: WeightedMatch) -> Node:
     return _requantize(emit, acc, multiplier, match.out, relu=match.relu is not None)
 
 
+#: fixed-point bits of the add's rescale multipliers (what integer add kernels use)
+ADD_MULTIPLIER_BITS = 16
+
+
+def _add_shift(ratios: tuple[float, float]) -> int:
+    """The largest shift <= ADD_MULTIPLIER_BITS whose multipliers keep ``255 * M`` sums in int32."""
+    shift = ADD_MULTIPLIER_BITS
+    while shift > 0 and round(max(ratios) * 2**shift) >= 2**22:
+        shift -= 1
+    return shift
+
+
 def emit_add(emit: Emitter, match: AddMatch) -> Node:
-    """Integer add: each input rescaled to the output scale, summed, rounded once, clamped."""
+    """Integer add in fixed point, the ``out_dtype`` form torchao's add_relu reference uses.
+
+    Each input, centered, is multiplied by an integer multiplier ``M = round(s_in / s_out * 2**k)``
+    with an int32 product (``out_dtype(mul, int32, ·, M)``), the two are summed, and one rounding
+    shift ``(sum + 2**(k-1)) >> k`` brings the sum to the output scale (one rounding, like the q/dq
+    program; torchao truncates each term)::
+
+        a_q ─▶ to(int32) ─▶ sub(za) ─▶ out_dtype(mul, int32, ·, Ma) ─┐
+        b_q ─▶ to(int32) ─▶ sub(zb) ─▶ out_dtype(mul, int32, ·, Mb) ─┴▶ add ─▶ add(2**(k-1)) ─▶ >> k
+            ─▶ add(zo) ─▶ clamp(lo, hi) ─▶ to(int8)       (lo = zo after a relu)
+    """
+    ratios = (match.a.scale / match.out.scale, match.b.scale / match.out.scale)
+    shift = _add_shift(ratios)
     terms = []
-    for qparams in (match.a, match.b):
+    for qparams, ratio in zip((match.a, match.b), ratios):
         centered = emit.cast(qparams.tensor, torch.int32)
         if qparams.zero_point != 0:
             centered = emit.call(aten.sub.Tensor, centered, qparams.zero_point)
-        terms.append(emit.call(aten.mul.Tensor, centered, qparams.scale / match.out.scale))
+        terms.append(emit.call(out_dtype, aten.mul.Tensor, torch.int32, centered, int(round(ratio * 2**shift))))
     total = emit.call(aten.add.Tensor, terms[0], terms[1])
-    return _requantize(emit, total, None, match.out, relu=match.relu is not None)
+    if shift > 0:
+        total = emit.call(aten.add.Tensor, total, 1 << (shift - 1))
+        total = emit.call(aten.__rshift__.Scalar, total, shift)
+    shifted = emit.call(aten.add.Tensor, total, match.out.zero_point)
+    low = max(match.out.quant_min, match.out.zero_point) if match.relu is not None else match.out.quant_min
+    clamped = emit.call(aten.clamp.default, shifted, low, match.out.quant_max)
+    return emit.cast(clamped, match.out.dtype)
 
 
 def _same_qparams(a: QParams, b: QParams) -> bool:

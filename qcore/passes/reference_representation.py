@@ -21,7 +21,8 @@ Rewritten islands (the matchers and replacements live in
   per-channel weight, float or int32 bias, optional ``relu`` before the output quantize; with
   no output quantize, as x86-style quantizers leave it, the int32 accumulator is scaled back to
   float);
-* ``add`` and ``add -> relu`` of two 8-bit tensors;
+* ``add`` and ``add -> relu`` of two 8-bit tensors (fixed point: ``out_dtype(mul, int32, ·, M)``
+  per input, as torchao's add_relu reference, then one rounding shift);
 * ``max_pool2d`` (computed on the 8-bit values, re-quantized only if the qparams change);
 * dynamic ``linear`` (``choose_qparams`` still picks the activation qparams at run time; the
   product is integer, the output float).
