@@ -266,3 +266,31 @@ def test_per_channel_state_dict_round_trip():
     fresh.disable_observer(), fq.disable_observer()
     assert torch.equal(fresh(x), fq(x))
     assert torch.equal(copy.deepcopy(fq)(x), fq(x))
+
+
+def test_fused_moving_average_fake_quant_on_axis_1_takes_the_unfused_path():
+    """torch.fused_moving_avg_obs_fake_quant supports per-channel axis 0 only; on axis 1 (a
+    transposed conv's weight) qcore's fused class gives torch.ao's unfused FakeQuantize results."""
+    from torch.ao.quantization import FakeQuantize as AoFakeQuantize
+    from torch.ao.quantization import MovingAveragePerChannelMinMaxObserver as AoMovingAveragePerChannel
+
+    from qcore.observers import FusedMovingAvgObsFakeQuantize, MovingAveragePerChannelMinMaxObserver
+
+    kwargs = dict(quant_min=-127, quant_max=127, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=1)
+    fused = FusedMovingAvgObsFakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, **kwargs)
+    oracle = AoFakeQuantize(observer=AoMovingAveragePerChannel, **kwargs)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(3):
+        w = (torch.randn(4, 6, 3, 3, generator=generator) * (step + 1)).requires_grad_()
+        w_oracle = w.detach().clone().requires_grad_()
+        out, expected = fused(w), oracle(w_oracle)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+        (expected * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+        torch.testing.assert_close(w.grad, w_oracle.grad)  # straight-through, same clamp mask
+    assert fused.scale.shape == (6,)
+    torch.testing.assert_close(fused.scale, oracle.scale)
+    fused.disable_observer()
+    before = fused.activation_post_process.max_val.clone()
+    fused(torch.randn(4, 6, 3, 3) * 10)
+    assert torch.equal(fused.activation_post_process.max_val, before)  # observer off: statistics kept

@@ -228,8 +228,20 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
         self.is_symmetric_quant = self.qscheme in SYMMETRIC_QSCHEMES
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        """Update the running min/max and qparams (if observing), fake-quantize (if enabled)."""
+        """Update the running min/max and qparams (if observing), fake-quantize (if enabled).
+
+        torch's fused kernel runs per-channel on axis 0 only; another axis (a transposed conv's
+        weight, axis 1) takes the unfused path: the moving-average observer, then
+        ``fake_quantize_per_channel_affine`` on that axis: the same running statistics and
+        gradient, qparams as torch.ao's unfused ``FakeQuantize`` computes them (the fused kernel's
+        symmetric scale differs from those by under 0.5 %).
+        """
         post = self.activation_post_process
+        if self.is_per_channel and X.dim() > 0 and self.ch_axis % X.dim() != 0:
+            out = super().forward(X)
+            if self.observer_enabled[0] == 1 and X.numel() > 0:
+                self._check_finite(post.min_val, post.max_val)
+            return out
         out = torch.fused_moving_avg_obs_fake_quant(
             X,
             self.observer_enabled,

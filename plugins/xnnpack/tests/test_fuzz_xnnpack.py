@@ -145,12 +145,7 @@ def _qat_by_hand(graph: RandomGraph) -> tuple:
 
 #: Bugs the fuzzer found that are not fixed yet: name -> (what, does this failure match it).
 #: Each has a strict xfail regression test below; remove the entry when that test passes.
-KNOWN_QAT_BUGS = {
-    "qat_conv_transpose_per_channel": (
-        "QAT of conv_transpose2d: the per-channel weight fake-quantizer (axis 1) calls "
-        "torch.fused_moving_avg_obs_fake_quant, which supports axis 0 only (qcore/observers/fake_quantize.py)",
-        lambda graph, exc: "conv_transpose" in graph.block_names and "only supported on axis == 0" in str(exc)),
-}
+KNOWN_QAT_BUGS: dict = {}  # (QAT of conv_transpose2d, axis-1 fake-quant: fixed, test below)
 
 
 def _known_qat_bug(graph: RandomGraph, exc: BaseException) -> "str | None":
@@ -216,13 +211,19 @@ def test_qat_leaves_a_shared_batch_norm_of_the_users_model_unchanged():
     assert_state_unchanged(model, snapshot)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=KNOWN_QAT_BUGS["qat_conv_transpose_per_channel"][0])
 def test_qat_of_conv_transpose2d():
+    """Found by the fuzzer: the weight's per-channel fake-quantizer runs on axis 1, which torch's
+    fused moving-average kernel refuses; qcore takes the unfused path there."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.ConvTranspose2d(2, 3, 3, padding=1)).eval()
     example = (torch.randn(2, 2, 4, 4),)
     result = qcore.quantize(model, example, backend="xnnpack", qat=True, train_fn=_train_once(example), measure_latency=False)
-    assert torch.isfinite(result.converted(*example)).all()
+    out = result.converted(*example)
+    assert torch.isfinite(out).all()
+    weight_dq = [n for n in result.converted.graph.nodes
+                 if n.op == "call_function" and n.target is torch.ops.quantized_decomposed.dequantize_per_channel.default]
+    assert len(weight_dq) == 1 and weight_dq[0].args[3] == 1  # output channels of a transposed conv: axis 1
+    assert sqnr_db(model(*example), out) > 25
 
 
 # --------------------------------------------------------------------------- differential: torchao
