@@ -34,6 +34,11 @@ class ConvertError(QcoreError):
     """The prepared model cannot be converted to quantize/dequantize ops."""
 
 
+class MutableBufferFoldError(ConvertError, ValueError):
+    """A buffer ``fold_quantize_into_mutable_buffers`` cannot store as integers (a ValueError too,
+    as torchao raises)."""
+
+
 class CalibrationError(QcoreError, ValueError):
     """Calibration data the observers cannot use (NaN or inf values)."""
 

@@ -19,6 +19,7 @@ from qcore.graph_copy import copy_graph_module, remap_annotations
 from qcore.passes.convert_observers import convert_observers, is_obs_or_fq_node
 from qcore.passes.duplicate_dequantize import duplicate_dequantize
 from qcore.passes.fold_batch_norm import fold_batch_norm
+from qcore.passes.fold_quantize_into_mutable_buffers import fold_quantize_into_mutable_buffers
 from qcore.passes.fold_conv_bn_qat import fold_conv_bn_qat
 from qcore.passes.fold_weight_quantize import fold_weight_quantize
 from qcore.passes.insert_observers import PREPARED_META
@@ -134,9 +135,14 @@ def convert_pt2e(
     model: GraphModule,
     use_reference_representation: bool = False,
     fold_quantize: bool = True,
+    fold_quantize_into_mutable_buffers: bool = False,
 ) -> GraphModule:
     """Replace observers with quantize/dequantize ops (weights stored as integers if
     ``fold_quantize``), returning a new GraphModule.
+
+    ``fold_quantize_into_mutable_buffers`` (needs ``fold_quantize``) also stores as integers a
+    float buffer the program reads through q -> dq and writes back with ``copy_`` (a KV cache),
+    see :mod:`qcore.passes.fold_quantize_into_mutable_buffers`.
 
     >>> import torch, qcore
     >>> from qcore.testing.toy import ToyLinearQuantizer
@@ -148,24 +154,33 @@ def convert_pt2e(
     >>> sorted({n.target.__name__ for n in converted.graph.nodes if n.op == "call_function" and "quantize" in str(n.target)})
     ['dequantize_per_channel.default', 'dequantize_per_tensor.default', 'quantize_per_tensor.default']
     """
-    for name, value in (("use_reference_representation", use_reference_representation), ("fold_quantize", fold_quantize)):
+    flags = (
+        ("use_reference_representation", use_reference_representation),
+        ("fold_quantize", fold_quantize),
+        ("fold_quantize_into_mutable_buffers", fold_quantize_into_mutable_buffers),
+    )
+    for name, value in flags:
         if not isinstance(value, bool):
             raise TypeError(f"convert_pt2e: {name} must be True or False, got {value!r}")
+    if fold_quantize_into_mutable_buffers and not fold_quantize:
+        raise ValueError("convert_pt2e: fold_quantize_into_mutable_buffers=True requires fold_quantize=True")
     _check_exported(model, "convert_pt2e")
     if not model.meta.get(PREPARED_META) and not any(is_obs_or_fq_node(model, n) for n in model.graph.nodes):
         raise ConvertError(
             "convert_pt2e expects a model returned by prepare_pt2e or prepare_qat_pt2e (it has no observers); "
             "call qcore.prepare_pt2e(model, quantizer) and calibrate it first"
         )
-    return _convert(model, use_reference_representation, fold_quantize)
+    return _convert(model, use_reference_representation, fold_quantize, fold_quantize_into_mutable_buffers)
 
 
-def _convert(model: GraphModule, use_reference_representation: bool, fold_quantize: bool) -> GraphModule:
+def _convert(model: GraphModule, use_reference_representation: bool, fold_quantize: bool, into_buffers: bool) -> GraphModule:
     model, _ = copy_graph_module(model, copy_tensors=False, recompile=False)
-    map_bodies(model, lambda body: _convert(body, use_reference_representation, fold_quantize))
+    map_bodies(model, lambda body: _convert(body, use_reference_representation, fold_quantize, into_buffers))
     convert_observers(model)
     fold_conv_bn_qat(model)
     duplicate_dequantize(model)
+    if fold_quantize and into_buffers:
+        fold_quantize_into_mutable_buffers(model)
     if fold_quantize:
         fold_weight_quantize(model)
     if use_reference_representation:
