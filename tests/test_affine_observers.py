@@ -216,3 +216,31 @@ def test_dynamic_per_token_activation_with_per_channel_weight():
                                  "dequantize_affine": 1, "dequantize_per_channel": 1, "quantize_per_channel": 0})
     other = torch.randn(5, 128) * 5  # qparams chosen per token at run time (5x the calibration range)
     assert _sqnr(model(other), converted(other)) > 30
+
+
+@pytest.mark.torchao
+def test_folded_affine_weight_is_named_as_torchao_names_it():
+    """fold_quantize=True folds the weight's quantize_affine into an int constant named
+    ``_frozen_param0`` (torchao's constant folding name; the float ``linear_weight`` is gone);
+    fold_quantize=False keeps ``linear_weight`` and no ``_frozen_param``. Both compute the same."""
+    pytest.importorskip("torchao")
+    from torchao.quantization.pt2e._affine_quantization import AffineQuantizedMinMaxObserver
+    from torchao.quantization.pt2e.observer import MappingType, PerGroup, PerToken
+
+    def spec(granularity):
+        return QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=None,
+                                observer_or_fake_quant_ctr=AffineQuantizedMinMaxObserver.with_args(
+                                    target_dtype=torch.uint8, mapping_type=MappingType.SYMMETRIC,
+                                    granularity=granularity))
+
+    torch.manual_seed(0)
+    model = Linear128()
+    example = (torch.randn(5, 128),)
+    prepared = _prepared(model, example, LinearQuantizer(spec(PerToken()), spec(PerGroup(group_size=128))))
+    folded = qcore.convert_pt2e(copy.deepcopy(prepared), fold_quantize=True)
+    unfolded = qcore.convert_pt2e(copy.deepcopy(prepared), fold_quantize=False)
+    assert "_frozen_param0" in folded.code and "linear_weight" not in folded.code
+    assert "_frozen_param0" not in unfolded.code and "linear_weight" in unfolded.code
+    assert folded._frozen_param0.dtype == torch.uint8
+    assert_graph_ops(folded, {"quantize_affine": 1, "dequantize_affine": 2})  # the activation's stays
+    torch.testing.assert_close(folded(*example), unfolded(*example))

@@ -13,6 +13,12 @@ tensors and deterministic, non-mutating aten ops on them. Dequantize ops, graph 
 higher-order ops and buffers that some op writes in place (a cache read through q/dq) are never
 folded, as in torchao's constant folding of quantize ops. Float weights and intermediate ops no
 longer used are dropped from the graph and the module.
+
+torchao's affine quantize (``torch.ops.torchao.quantize_affine``, which an affine observer's
+convert inserts) is folded too, and its constant is named as torchao's constant folding names
+it: ``_frozen_param0``, ``_frozen_param1``, ... (ported code looks for those names; the weight's
+float name is gone from the program). torchao is not imported for this: the op is recognised by
+name.
 """
 
 from __future__ import annotations
@@ -38,6 +44,23 @@ def _foldable_op(node: Node) -> bool:
     )
 
 
+AFFINE_QUANTIZE = "torchao::quantize_affine"
+
+
+def is_affine_quantize(node: Any) -> bool:
+    """True for a call of torchao's ``quantize_affine`` (its packet or an overload)."""
+    if getattr(node, "op", None) != "call_function":
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.name() == AFFINE_QUANTIZE
+    return getattr(target, "_qualified_op_name", None) == AFFINE_QUANTIZE
+
+
+def _is_folded_quantize(node: Node) -> bool:
+    return is_quantize(node) or is_affine_quantize(node)
+
+
 def _constant_nodes(model: GraphModule) -> set[Node]:
     """Nodes whose value depends on constants only (one pass in graph order)."""
     written = {str(n.target) for n in mutated_roots(model) if n.op == "get_attr"}
@@ -47,7 +70,7 @@ def _constant_nodes(model: GraphModule) -> set[Node]:
             if str(node.target) not in written and isinstance(_attr(model, node), torch.Tensor):
                 constant.add(node)
         elif node.op == "call_function" and node._input_nodes and all(n in constant for n in node._input_nodes):
-            if _foldable_op(node) or is_quantize(node):
+            if _foldable_op(node) or _is_folded_quantize(node):
                 constant.add(node)
     return constant
 
@@ -108,10 +131,17 @@ def _erase_dead_chain(model: GraphModule, start: Node, attr_readers: Counter) ->
         stack.extend(inputs)
 
 
+def _next_frozen_param_name(model: GraphModule) -> str:
+    index = 0
+    while hasattr(model, f"_frozen_param{index}"):
+        index += 1
+    return f"_frozen_param{index}"
+
+
 def fold_weight_quantize(model: GraphModule) -> bool:
     """Run the pass in place; returns True if the graph changed."""
     graph = model.graph
-    quantizes = [q for q in graph.nodes if is_quantize(q) and isinstance(q.args[0], Node)]
+    quantizes = [q for q in graph.nodes if _is_folded_quantize(q) and isinstance(q.args[0], Node)]
     if not quantizes:
         return False
     constant = _constant_nodes(model)
@@ -124,10 +154,13 @@ def fold_weight_quantize(model: GraphModule) -> bool:
     index = 0
     for q in quantizes:
         quantized = _evaluate(model, q, cache, position)
-        base = _root_name(q.args[0])
-        while hasattr(model, f"{base}_quantized{'' if index == 0 else index}"):
-            index += 1
-        name = f"{base}_quantized{'' if index == 0 else index}"
+        if is_affine_quantize(q):
+            name = _next_frozen_param_name(model)
+        else:
+            base = _root_name(q.args[0])
+            while hasattr(model, f"{base}_quantized{'' if index == 0 else index}"):
+                index += 1
+            name = f"{base}_quantized{'' if index == 0 else index}"
         model.register_buffer(name, quantized)
         with graph.inserting_before(q):
             folded = graph.get_attr(name)
