@@ -62,7 +62,8 @@ class Case:
     def config(self, backend: str) -> Any:
         if self.weight_range is None:
             return None
-        config = qcore.get_plugin_manager().get_backend(backend).quantizer_class.default_config()
+        quantizer_class: Any = qcore.get_plugin_manager().get_backend(backend).quantizer_class
+        config = quantizer_class.default_config()
         low, high = self.weight_range
         return attrs.evolve(config, weight=attrs.evolve(config.weight, quant_min=low, quant_max=high))
 

@@ -226,3 +226,18 @@ def test_cli_min_sqnr_unreachable_is_one_line_on_stderr(capsys, tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qcore: error: min_sqnr_db=200.0 not reached: the best output SQNR was "), err
     assert not (tmp_path / "model.pt2").exists()
+
+
+@requires_backend("onednn")
+def test_the_readme_accuracy_example_runs_and_keeps_fc1_float(capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Accuracy: sensitivity, an SQNR target, SmoothQuant, bias correction\n", 1)[1]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    names: dict = {}
+    exec(compile(block, "README.md accuracy example", "exec"), names)
+    assert names["records"][0].module == "fc1"
+    assert [d.partition for d in names["result"].report.kept_float] == ["linear_1"]
+    assert "kept float: linear_1 (linear_1, gelu), step 1: the most sensitive" in capsys.readouterr().out
+    assert names["smoothed"].report.algorithms[0].startswith("smooth_quant alpha=0.5: smoothed the input of linear_1")
