@@ -98,6 +98,11 @@ def test_accuracy_fn_keeps_the_drop_within_max_drop_on_what_runs(digits, backend
     float_convs = {n.name for n in result.model.graph.nodes if n.target in (aten.conv2d.default, aten.linear.default)
                    and not any("dequantize" in str(a.target) for a in n.all_input_nodes)}
     assert float_convs == {d.partition for d in steps}
+    # the report's node lines say the same, also for a layer whose input is still a dequantized activation
+    node_reports = {n.name: n for n in result.report.nodes}
+    for decision in steps:
+        assert not node_reports[decision.partition].quantized
+        assert node_reports[decision.partition].reason.startswith("kept float by the accuracy target")
     with torch.no_grad():
         sqnr = sqnr_db(torch.cat([model(*b).flatten() for b in calibration]), torch.cat([result.model(*b).flatten() for b in calibration]))
     assert result.report.accuracy_target == (

@@ -567,7 +567,10 @@ def classify_nodes(exported: GraphModule, converted: GraphModule, backend: str) 
             reports.append(NodeReport(node.name, _op_name(node), False, reason))
             continue
         dequantized = [a.name for a in twin.all_input_nodes if is_dequantize(a)]
-        if dequantized:
+        if twin.meta.get(ACCURACY_FLOAT_KEY) is not None:
+            # kept float by the accuracy target: its input may still be a dequantized activation
+            reports.append(NodeReport(node.name, _op_name(node), False, twin.meta[ACCURACY_FLOAT_KEY]))
+        elif dequantized:
             reports.append(NodeReport(node.name, _op_name(node), True, f"int8 inputs ({len(dequantized)} dequantized)"))
         else:
             reports.append(NodeReport(node.name, _op_name(node), False, _float_reason(twin, backend)))
