@@ -71,7 +71,10 @@ class X86InductorQuantizer(qcore.BackendQuantizer):
       an observer on its output only (it sees the values the pool lets through), cat and
       flatten/view/reshape share their input's observer, and average pools stay float so that
       their consumer quantizes the (narrower-ranged) average with its own observer. On the bench
-      ResNet-style CNN: SQNR_FIGURES.
+      ResNet-style CNN (``bench/bench_onednn.py``'s ``cnn``, full 8-bit config, its calibration
+      data): 41.0 dB of SQNR against float with 22 quantizes, against 40.1 dB with 24 for
+      ``"torchao"`` (torchao itself: 41.0 dB, 21, as it does not quantize the pools of that
+      model's functional relus); on a CPU without VNNI (pair-safe ranges) 38.4 against 37.5 dB.
 
     >>> X86InductorQuantizer(sharing_recipe="sqnr").sharing_recipe
     'sqnr'
