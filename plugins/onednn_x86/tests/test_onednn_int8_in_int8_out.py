@@ -251,7 +251,7 @@ def test_flatten_without_a_quantizable_user_stays_float():
     assert qdq_counts(converted) == (1, 1, 1)
 
 
-@pytest.mark.parametrize(
+NONE_SCOPES = pytest.mark.parametrize(
     "name, configure, counts",
     [
         # x, and the consumer conv's own input after the float pool
@@ -263,6 +263,9 @@ def test_flatten_without_a_quantizable_user_stays_float():
         ("conv_max_pool2d_flatten_linear", lambda q: q.set_module_name_qconfig("pool", None), (2, 2, 2)),
     ],
 )
+
+
+@NONE_SCOPES
 def test_a_none_scope_keeps_the_op_float(name, configure, counts):
     _, _, converted = converted_of(name, configure(quantizer()))
     (node,) = calls(converted, CASES[name][2])
@@ -271,6 +274,52 @@ def test_a_none_scope_keeps_the_op_float(name, configure, counts):
     if name == "conv_max_pool2d_flatten_linear":
         flatten = calls(converted, aten.flatten.using_ints)[0]
         assert flatten.args[0] is node and next(iter(flatten.users)).target is Q
+
+
+class ConvBnReluPoolsFlatten(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(2)
+
+    def forward(self, x):
+        return torch.flatten(self.pool(F.max_pool2d(self.relu(self.bn(self.conv(x))), 2)), 1)
+
+
+def _qat_converted(flow: str) -> tuple:
+    torch.manual_seed(0)
+    model, example = ConvBnReluPoolsFlatten().train(), (torch.randn(2, 3, 8, 8),)
+    exported = torch.export.export(copy.deepcopy(model), example).module()
+    if flow == "qcore":
+        config = get_default_x86_inductor_quantization_config(is_qat=True, target="avx512_vnni")
+        prepared = qcore.prepare_qat_pt2e(exported, X86InductorQuantizer().set_global(config))
+        prepared(*example)
+        qcore.move_exported_model_to_eval(prepared)
+        return example, qcore.convert_pt2e(prepared)
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
+    prepared = prepare_qat_pt2e(exported, quantizer)
+    prepared(*example)
+    move_exported_model_to_eval(prepared)
+    return example, convert_pt2e(prepared)
+
+
+def test_qat_conv_bn_relu_partition_feeds_the_pools():
+    # the QAT partition quantizes its own output: the pools' edges share that fake-quantizer's
+    # qparams (one q/dq per edge); the flatten is the model's output, so it stays float
+    _, converted = _qat_converted("qcore")
+    ops = [n.target for n in converted.graph.nodes if n.op == "call_function" and n.target is not DQ_CH]
+    assert ops == [
+        Q, DQ, aten.conv2d.default, aten.relu.default,
+        Q, DQ, aten.max_pool2d.default,
+        Q, DQ, aten.adaptive_avg_pool2d.default,
+        Q, DQ, aten.flatten.using_ints,
+    ]
+    scales = {n.args[1:3] for n in calls(converted, Q)[1:]}
+    assert len(scales) == 1
 
 
 # ----------------------------------------------------------------------------- the recipes
@@ -296,26 +345,53 @@ def test_sqnr_recipe_keeps_average_pools_float_and_derives_max_pool2d_qparams():
 
 
 # ----------------------------------------------------------------------------- torchao parity
+def _torchao_converted(model, example, configure=lambda q: q):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchao's deprecation notices
+        pytest.importorskip("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+        peer_quantizer = configure(xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config()))
+        peer = convert_pt2e(calibrated(prepare_pt2e(export(copy.deepcopy(model), example), peer_quantizer), example))
+        with torch.no_grad():
+            return peer, peer(*example)
+
+
 @pytest.mark.torchao
 @pytest.mark.parametrize("name", list(CASES))
 def test_same_q_dq_counts_and_outputs_as_torchao(name):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pytest.importorskip("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-
     model, example, ours = converted_of(name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchao's deprecation notices
-        peer_quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
-        peer = convert_pt2e(calibrated(prepare_pt2e(export(copy.deepcopy(model), example), peer_quantizer), example))
-        with torch.no_grad():
-            expected = peer(*example)
+    peer, expected = _torchao_converted(model, example)
     assert qdq_counts(ours) == qdq_counts(peer) == CASES[name][3]
     with torch.no_grad():
         diff = (ours(*example) - expected).abs().max().item()
     assert diff <= largest_activation_scale(ours) * 1.01 + 1e-6, diff
+
+
+@pytest.mark.torchao
+@NONE_SCOPES
+def test_a_none_scope_gives_torchaos_counts_and_outputs(name, configure, counts):
+    model, example, ours = converted_of(name, configure(quantizer()))
+    peer, expected = _torchao_converted(model, example, configure)
+    assert qdq_counts(ours) == qdq_counts(peer) == counts
+    with torch.no_grad():
+        assert (ours(*example) - expected).abs().max().item() <= largest_activation_scale(ours) * 1.01 + 1e-6
+
+
+@pytest.mark.torchao
+def test_qat_gives_torchaos_counts_and_node_order():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pytest.importorskip("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
+        _, peer = _qat_converted("torchao")
+    _, ours = _qat_converted("qcore")
+    assert qdq_counts(ours) == qdq_counts(peer) == (4, 4, 1)
+
+    def order(gm):
+        return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+    assert order(ours) == order(peer)
 
 
 # ----------------------------------------------------------------------------- lowering
