@@ -130,11 +130,17 @@ class BackendQuantizer(Quantizer):
         scopes.append(("global", self.global_config, not_any_filter(module_filters + op_filters)))
         return scopes
 
-    def annotate(self, model: GraphModule) -> GraphModule:
-        """Run the plugins' annotators for this backend over every scope."""
+    def annotators(self) -> list:
+        """The ``Annotator`` records :meth:`annotate` runs, in run order: by default every one the
+        plugins contribute for this backend. A backend's quantizer may override it to select
+        among them (the x86 quantizer keeps the observer-sharing annotators of one recipe)."""
         from qcore.plugin_manager import get_plugin_manager
 
-        annotators = get_plugin_manager().annotators(self.backend)
+        return get_plugin_manager().annotators(self.backend)
+
+    def annotate(self, model: GraphModule) -> GraphModule:
+        """Run :meth:`annotators` over every scope."""
+        annotators = self.annotators()
         for label, config, filter_fn in self.scopes():
             if config is None:
                 continue

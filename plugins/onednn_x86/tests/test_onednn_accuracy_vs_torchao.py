@@ -1,12 +1,15 @@
-"""Accuracy against the peer: qcore's x86 recipe gives at least torchao's SQNR on a small
-ResNet-style CNN (the bench CNN's structure: 7x7 stem conv, relu, max_pool2d, residual blocks,
-adaptive_avg_pool2d, flatten, linear), with the same calibration data.
+"""Accuracy against the peer on a small ResNet-style CNN (the bench CNN's structure: 7x7 stem
+conv, relu, max_pool2d, residual blocks, adaptive_avg_pool2d, flatten, linear), with the same
+calibration data.
 
 Written with functional relus (as the bench model is), torchao's source-partition matcher
 does not see the relus as fused post-ops, so it leaves the max_pool2d and the average pool
-float; with ``nn.ReLU`` modules it makes both share their input's observer. qcore quantizes the
-max_pool2d input with the qparams of the pool's own output observer and leaves average pools
-float: equal SQNR to torchao in the first case, better in the second.
+float; with ``nn.ReLU`` modules it makes both share their input's observer. qcore matches the
+relus either way, so its default recipe (torchao's int8-in-int8-out) quantizes both pools in
+both models: the program torchao gives the ``nn.ReLU`` model, with its SQNR. qcore's
+``sharing_recipe="sqnr"`` quantizes the max_pool2d input with the qparams of the pool's own
+output observer and leaves average pools float: equal SQNR to torchao in the first case, better
+in the second.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import qcore
-from qcore_onednn_x86 import get_default_x86_inductor_quantization_config
+from qcore_onednn_x86 import X86InductorQuantizer, get_default_x86_inductor_quantization_config
 from qcore_onednn_x86.cpu_features import detect_cpu
 
 from _onednn_helpers import x86_quantizer
@@ -61,11 +64,12 @@ def sqnr(reference: torch.Tensor, actual: torch.Tensor) -> float:
     return float(10 * torch.log10(reference.pow(2).mean() / (reference - actual).pow(2).mean()))
 
 
-def _converted_outputs(model, example, calibration, flow, lowered=False):
+def _converted_outputs(model, example, calibration, flow, lowered=False, recipe="torchao"):
     exported = torch.export.export(copy.deepcopy(model), example).module()
     if flow == "qcore":
         # the recipe torchao's default is (full 8-bit: target a VNNI CPU), whatever this CPU is
-        prepared = qcore.prepare_pt2e(exported, x86_quantizer(get_default_x86_inductor_quantization_config(target="avx512_vnni")))
+        quantizer = X86InductorQuantizer(sharing_recipe=recipe).set_global(get_default_x86_inductor_quantization_config(target="avx512_vnni"))
+        prepared = qcore.prepare_pt2e(exported, quantizer)
     else:
         from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
@@ -103,15 +107,30 @@ def _small_resnet_case(relu: type) -> tuple:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("relu, margin_db", [(FunctionalRelu, 0.0), (torch.nn.ReLU, 0.5)])
-def test_small_resnet_sqnr_at_least_torchaos(relu, margin_db):
+def test_small_resnet_sqnr_recipe_at_least_torchaos(relu, margin_db):
     pytest.importorskip("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
     model, example, calibration, reference = _small_resnet_case(relu)
-    ours = sqnr(reference, _converted_outputs(model, example, calibration, "qcore"))
+    ours = sqnr(reference, _converted_outputs(model, example, calibration, "qcore", recipe="sqnr"))
     peers = sqnr(reference, _converted_outputs(model, example, calibration, "torchao"))
     assert ours > 30.0
     # functional relus: the same quantization, up to float rounding (0.0 dB apart when measured);
     # nn.ReLU modules: torchao requantizes the average on the input's grid (1.4 dB lost here)
     assert ours >= peers + margin_db - 0.05, (ours, peers)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_small_resnet_default_recipe_is_torchaos_program():
+    """The default recipe gives the nn.ReLU model torchao's program (the same SQNR), and the
+    functional-relu model the same program (qcore sees those relus as post-ops too)."""
+    pytest.importorskip("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
+    model, example, calibration, reference = _small_resnet_case(torch.nn.ReLU)
+    ours = sqnr(reference, _converted_outputs(model, example, calibration, "qcore"))
+    peers = sqnr(reference, _converted_outputs(model, example, calibration, "torchao"))
+    assert ours > 30.0
+    assert abs(ours - peers) <= 0.05, (ours, peers)
+    functional, f_example, f_calibration, f_reference = _small_resnet_case(FunctionalRelu)
+    ours_functional = sqnr(f_reference, _converted_outputs(functional, f_example, f_calibration, "qcore"))
+    assert abs(ours_functional - ours) <= 0.05, (ours_functional, ours)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

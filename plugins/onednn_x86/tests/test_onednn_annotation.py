@@ -1,4 +1,6 @@
-"""The x86 annotation recipe: which edges get which spec, and the q/dq it leads to."""
+"""The x86 annotation recipe: which edges get which spec, and the q/dq it leads to. The
+observer-sharing ops of the opt-in ``sharing_recipe="sqnr"`` are tested here; those of the default
+(torchao's int8-in-int8-out) in test_onednn_int8_in_int8_out.py."""
 
 from __future__ import annotations
 
@@ -11,12 +13,16 @@ from qcore.spec import DerivedQuantizationSpec
 
 from _onednn_helpers import QDQ_OPS, aten, calls, count, export, qd, quantize, x86_quantizer
 
-from qcore_onednn_x86 import get_default_x86_inductor_quantization_config
+from qcore_onednn_x86 import X86InductorQuantizer, get_default_x86_inductor_quantization_config
 
 
-def annotated(model, example, config=None):
+def sqnr_quantizer(config=None) -> X86InductorQuantizer:
+    return X86InductorQuantizer(sharing_recipe="sqnr").set_global(config or get_default_x86_inductor_quantization_config())
+
+
+def annotated(model, example, config=None, recipe="torchao"):
     gm = export(model, example)
-    quantizer = x86_quantizer(config)
+    quantizer = x86_quantizer(config) if recipe == "torchao" else sqnr_quantizer(config)
     quantizer.annotate(gm)
     return gm
 
@@ -46,8 +52,8 @@ def test_conv_relu_partition_quantizes_inputs_and_leaves_output_to_the_consumer(
     assert relu.meta[ANNOTATION_KEY]._annotated and relu.meta[ANNOTATION_KEY].output_qspec is None
 
 
-def test_max_pool2d_input_takes_the_qparams_of_its_output_observer():
-    gm = annotated(ConvReluPool(), (torch.randn(1, 3, 8, 8),))
+def test_sqnr_recipe_max_pool2d_input_takes_the_qparams_of_its_output_observer():
+    gm = annotated(ConvReluPool(), (torch.randn(1, 3, 8, 8),), recipe="sqnr")
     pool = calls(gm, aten.max_pool2d.default)[0]
     ann = pool.meta[ANNOTATION_KEY]
     config = get_default_x86_inductor_quantization_config()
@@ -57,7 +63,7 @@ def test_max_pool2d_input_takes_the_qparams_of_its_output_observer():
     assert (derived.dtype, derived.quant_min, derived.quant_max) == (torch.uint8, 0, config.input_activation.quant_max)
 
 
-def test_max_pool2d_observer_sees_only_the_pool_output():
+def test_sqnr_recipe_max_pool2d_observer_sees_only_the_pool_output():
     # the input edge's observer derives its qparams and observes nothing: the histogram holds
     # the values max_pool2d lets through, not also the small ones it drops
     class ConvReluPoolConv(torch.nn.Module):
@@ -68,7 +74,7 @@ def test_max_pool2d_observer_sees_only_the_pool_output():
         def forward(self, x):
             return self.conv2(F.max_pool2d(F.relu(self.conv(x)), 2))
 
-    prepared = qcore.prepare_pt2e(export(ConvReluPoolConv(), (torch.randn(2, 3, 8, 8),)), x86_quantizer())
+    prepared = qcore.prepare_pt2e(export(ConvReluPoolConv(), (torch.randn(2, 3, 8, 8),)), sqnr_quantizer())
     pool = calls(prepared, aten.max_pool2d.default)[0]
     before, after = pool.args[0], next(iter(pool.users))
     assert type(getattr(prepared, before.target)).__name__ == "DerivedObserverOrFakeQuantize"
@@ -83,7 +89,7 @@ def test_max_pool2d_observer_sees_only_the_pool_output():
     assert dq_in.args[1:3] == q_out.args[1:3]  # one scale / zero point: the pool runs on uint8
 
 
-def test_average_pools_stay_float_and_their_consumer_quantizes_the_average():
+def test_sqnr_recipe_average_pools_stay_float_and_their_consumer_quantizes_the_average():
     class ConvAvgLinear(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -94,13 +100,13 @@ def test_average_pools_stay_float_and_their_consumer_quantizes_the_average():
             y = F.avg_pool2d(F.relu(self.conv(x)), 2)
             return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
 
-    gm = annotated(ConvAvgLinear(), (torch.randn(2, 3, 8, 8),))
+    gm = annotated(ConvAvgLinear(), (torch.randn(2, 3, 8, 8),), recipe="sqnr")
     for op in (aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default, aten.flatten.using_ints):
         assert ANNOTATION_KEY not in calls(gm, op)[0].meta, op
     linear = calls(gm, aten.linear.default)[0]
     flatten = calls(gm, aten.flatten.using_ints)[0]
     assert linear.meta[ANNOTATION_KEY].input_qspec_map[flatten] == get_default_x86_inductor_quantization_config().input_activation
-    converted = quantize(ConvAvgLinear(), (torch.randn(2, 3, 8, 8),))
+    converted = quantize(ConvAvgLinear(), (torch.randn(2, 3, 8, 8),), sqnr_quantizer())
     # q/dq only on the conv input and the linear input: nothing around the pools
     for op in (aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default):
         pool = calls(converted, op)[0]

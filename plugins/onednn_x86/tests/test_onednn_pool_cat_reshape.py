@@ -1,4 +1,5 @@
-"""max_pool2d, cat and reshape on uint8 data."""
+"""max_pool2d, cat and reshape on uint8 data, under both sharing recipes (the default "torchao"
+and the opt-in "sqnr"); the average pools of the default recipe: test_onednn_int8_in_int8_out.py."""
 
 from __future__ import annotations
 
@@ -10,8 +11,16 @@ from qcore.records import LoweringContext
 
 from _onednn_helpers import aten, assert_close_to_reference, calls, count, counters, lower, onednn, qdq_count, quantize, skip_range_clamp
 
+from qcore_onednn_x86 import X86InductorQuantizer, get_default_x86_inductor_quantization_config
 from qcore_onednn_x86.lowering.lower_quantized_cat import lower_quantized_cat
 from qcore_onednn_x86.lowering.lower_quantized_max_pool2d import lower_quantized_max_pool2d
+
+
+RECIPES = pytest.mark.parametrize("recipe", X86InductorQuantizer.SHARING_RECIPES)
+
+
+def recipe_quantizer(recipe: str) -> X86InductorQuantizer:
+    return X86InductorQuantizer(sharing_recipe=recipe).set_global(get_default_x86_inductor_quantization_config())
 
 
 class ConvPool(torch.nn.Module):
@@ -32,9 +41,10 @@ class ConvPool(torch.nn.Module):
         (lambda x: F.max_pool2d(x, 3, 2, 1), [3, 3], [2, 2], [1, 1]),
     ],
 )
-def test_max_pool2d_runs_on_uint8(pool, kernel, stride, padding):
+@RECIPES
+def test_max_pool2d_runs_on_uint8(pool, kernel, stride, padding, recipe):
     example = (torch.randn(2, 3, 12, 12),)
-    converted = quantize(ConvPool(pool), example)
+    converted = quantize(ConvPool(pool), example, recipe_quantizer(recipe))
     lowered = lower(converted, example)
     (qpool,) = calls(lowered, torch.ops.quantized.max_pool2d.default)
     assert qpool.args[1:6] == (kernel, stride, padding, [1, 1], False)
@@ -65,9 +75,10 @@ class ConvCat(torch.nn.Module):
         return self.tail(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1))
 
 
-def test_cat_concatenates_uint8_tensors():
+@RECIPES
+def test_cat_concatenates_uint8_tensors(recipe):
     example = (torch.randn(2, 3, 8, 8),)
-    converted = quantize(ConvCat(), example)
+    converted = quantize(ConvCat(), example, recipe_quantizer(recipe))
     lowered = lower(converted, example)
     (cat,) = calls(lowered, aten.cat.default)
     assert all(skip_range_clamp(i).target == onednn.qconv2d_pointwise.default for i in cat.args[0])
@@ -106,9 +117,10 @@ class ConvFlattenLinear(torch.nn.Module):
 
 
 @pytest.mark.parametrize("how", ["flatten", "view", "reshape"])
-def test_reshape_between_quantized_ops_runs_on_uint8(how):
+@RECIPES
+def test_reshape_between_quantized_ops_runs_on_uint8(how, recipe):
     example = (torch.randn(2, 3, 8, 8),)
-    converted = quantize(ConvFlattenLinear(how), example)
+    converted = quantize(ConvFlattenLinear(how), example, recipe_quantizer(recipe))
     lowered = lower(converted, example)
     assert counters(lowered)["qreshape_matcher_count"] == 1
     assert count(lowered, aten.view.default) == 0

@@ -1,26 +1,39 @@
 """The x86 annotators, one module per op family, as ``qcore.Annotator`` records.
 
 qcore runs them longest pattern first (conv -> bn -> add -> relu before conv -> add before
-conv), then the observer-sharing ops (max_pool2d, cat, reshapes) once every compute pattern is
-claimed.
+conv), then the observer-sharing ops once every compute pattern is claimed.
 
-Average pools are deliberately left float (``avg_pool2d.keep_avg_pool2d_float`` marks them, so
-reports give the reason): the consumer of the average quantizes it with its own observer.
+The observer-sharing ops come in two recipes (``SHARING_RECIPES``); the plugin contributes
+both and ``X86InductorQuantizer(sharing_recipe=...)`` runs one of them:
+
+* ``"torchao"`` (the default), torchao's "int8-in-int8-out" recipe (``int8_in_int8_out``):
+  max_pool2d, cat, avg_pool2d, adaptive_avg_pool2d and flatten after a quantized pattern share
+  one observer on their input and output (``conv -> q -> dq -> avg_pool2d -> q -> dq``);
+* ``"sqnr"``, qcore's own: max_pool2d quantized with the qparams of its output's observer, cat
+  and flatten/view/reshape shared, average pools left float (``avg_pool2d.keep_avg_pool2d_float``
+  marks them, so reports give the reason) for their consumer to quantize with its own observer.
 """
 
 from __future__ import annotations
 
 import qcore
 
-from qcore_onednn_x86.annotators import avg_pool2d, cat, conv, conv_bn, linear, max_pool2d, mul, reshape
+from qcore_onednn_x86.annotators import avg_pool2d, cat, conv, conv_bn, int8_in_int8_out, linear, max_pool2d, mul, reshape
 
 STATIC = {"static", "qat"}
 WITH_DYNAMIC = {"static", "dynamic", "qat"}
 QAT_ONLY = {"qat"}
 
+#: recipe -> the names of its observer-sharing annotators (every other annotator runs in both)
+SHARING_RECIPES: dict[str, tuple[str, ...]] = {
+    "torchao": ("x86_int8_in_int8_out",),
+    "sqnr": ("x86_max_pool2d", "x86_cat", "x86_reshape", "x86_avg_pool2d_float"),
+}
+
 
 def x86_annotators() -> list:
-    """Every annotator of the x86 recipe (qcore orders them: fused patterns first)."""
+    """Every annotator of the x86 recipe, both sharing recipes included (qcore orders them:
+    fused patterns first; the quantizer keeps the sharing annotators of its recipe)."""
 
     def record(name, fn, pattern, modes=STATIC, shares_input=False):
         # the pattern's length is the priority: fused patterns claim their nodes first
@@ -42,6 +55,7 @@ def x86_annotators() -> list:
         record("x86_linear_unary", linear.annotate_linear_unary, ("linear", "unary"), WITH_DYNAMIC),
         record("x86_linear", linear.annotate_linear, ("linear",), WITH_DYNAMIC),
         record("x86_mul", mul.annotate_mul, ("mul",)),
+        record("x86_int8_in_int8_out", int8_in_int8_out.annotate_int8_in_int8_out, ("int8_in_int8_out",), shares_input=True),
         record("x86_max_pool2d", max_pool2d.annotate_max_pool2d, ("max_pool2d",), shares_input=True),
         record("x86_cat", cat.annotate_cat, ("cat",), shares_input=True),
         record("x86_reshape", reshape.annotate_reshape, ("reshape",), shares_input=True),

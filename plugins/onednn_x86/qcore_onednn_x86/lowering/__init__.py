@@ -6,7 +6,7 @@ already the uint8 output of the conv that produced it)::
     check_int8_exact_on_cpu ─▶ lift_quantize_over_views ─▶ promote_dequantize ─▶ unwrap_bf16_autocast_inputs
       ├─▶ prepack_conv_weights ───────────────────────────────┐
       └─▶ concat_shared_input_linears ─▶ prepack_linear_weights┴▶ fold_bf16_output_casts ─▶ fuse_unary_post_ops ─▶ fuse_binary_post_ops
-            ─▶ lower_quantized_max_pool2d ─▶ lower_quantized_cat ─▶ lower_quantized_reshape
+            ─▶ lower_quantized_max_pool2d ─▶ lower_quantized_avg_pool2d ─▶ lower_quantized_cat ─▶ lower_quantized_reshape
             ─▶ reshape_channels_last_views ─▶ lower_weight_only_int8_matmul
             ─▶ make_conv_inputs_channels_last ─▶ run_conv1d_as_conv2d
 """
@@ -24,6 +24,7 @@ def onednn_lowering_passes() -> list:
     from qcore_onednn_x86.lowering.fuse_binary_post_ops import fuse_binary_post_ops
     from qcore_onednn_x86.lowering.fuse_unary_post_ops import fuse_unary_post_ops
     from qcore_onednn_x86.lowering.lift_quantize_over_views import lift_quantize_over_views
+    from qcore_onednn_x86.lowering.lower_quantized_avg_pool2d import lower_quantized_avg_pool2d
     from qcore_onednn_x86.lowering.lower_quantized_cat import lower_quantized_cat
     from qcore_onednn_x86.lowering.lower_quantized_max_pool2d import lower_quantized_max_pool2d
     from qcore_onednn_x86.lowering.lower_quantized_reshape import lower_quantized_reshape
@@ -51,6 +52,7 @@ def onednn_lowering_passes() -> list:
         record(fuse_unary_post_ops, ("fold_bf16_output_casts",)),
         record(fuse_binary_post_ops, ("fuse_unary_post_ops",)),
         record(lower_quantized_max_pool2d, ("fuse_binary_post_ops",)),
+        record(lower_quantized_avg_pool2d, ("lower_quantized_max_pool2d",)),
         record(lower_quantized_cat, ("lower_quantized_max_pool2d",)),
         record(lower_quantized_reshape, ("lower_quantized_cat",)),
         record(reshape_channels_last_views, ("lower_quantized_reshape",)),
