@@ -41,7 +41,7 @@ def x86_annotators() -> list:
         record("x86_linear_add", linear.annotate_linear_add, ("linear", "add"), WITH_DYNAMIC),
         record("x86_linear_unary", linear.annotate_linear_unary, ("linear", "unary"), WITH_DYNAMIC),
         record("x86_linear", linear.annotate_linear, ("linear",), WITH_DYNAMIC),
-        record("x86_mul", mul.annotate_mul, ("mul",)),
+        record("x86_mul", mul.annotate_mul, ("mul",), WITH_DYNAMIC),
         record("x86_matmul", matmul.annotate_matmul, ("matmul",), WITH_DYNAMIC),
         record("x86_max_pool2d", max_pool2d.annotate_max_pool2d, ("max_pool2d",), shares_input=True),
         record("x86_cat", cat.annotate_cat, ("cat",), shares_input=True),
