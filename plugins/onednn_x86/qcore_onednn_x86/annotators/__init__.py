@@ -4,6 +4,9 @@ qcore runs them longest pattern first (conv -> bn -> add -> relu before conv -> 
 conv), then the observer-sharing ops (max_pool2d, cat, reshapes) once every compute pattern is
 claimed.
 
+A matmul of two activations (``matmul.py``) is not in the default recipe: the quantizer's global
+scope leaves it out, a ``torch.matmul`` (or module) scope quantizes it.
+
 Average pools are deliberately left float (``avg_pool2d.keep_avg_pool2d_float`` marks them, so
 reports give the reason): the consumer of the average quantizes it with its own observer.
 """
