@@ -397,7 +397,9 @@ def _check_activation(spec: Optional[QuantizationSpec], field: str) -> None:
 def get_weight_qspec(config: Optional[QuantizationConfig]) -> Optional[QuantizationSpec]:
     """The config's weight spec (None if absent); weights are symmetric."""
     spec = None if config is None else config.weight
-    if isinstance(spec, QuantizationSpec) and spec.qscheme not in _WEIGHT_QSCHEMES:
+    # a float16/float32 weight spec (a cast, torchao's linear_dynamic_fp16) has no qscheme
+    cast = isinstance(spec, QuantizationSpec) and spec.qscheme is None and spec.dtype not in QUANTIZED_DTYPES
+    if isinstance(spec, QuantizationSpec) and spec.qscheme not in _WEIGHT_QSCHEMES and not cast:
         raise ValueError(
             f"QuantizationConfig.weight: qscheme {spec.qscheme} is not supported for weights; "
             f"allowed: {_names(_WEIGHT_QSCHEMES)}"

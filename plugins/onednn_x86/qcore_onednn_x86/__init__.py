@@ -18,7 +18,7 @@ Importing this package is cheap (no Inductor, no observers)::
 
 from __future__ import annotations
 
-from qcore_onednn_x86.config import get_default_x86_inductor_quantization_config
+from qcore_onednn_x86.config import get_default_x86_inductor_quantization_config, get_x86_inductor_linear_dynamic_fp16_config
 from qcore_onednn_x86.quantizer import X86InductorQuantizer
 
-__all__ = ["X86InductorQuantizer", "get_default_x86_inductor_quantization_config"]
+__all__ = ["X86InductorQuantizer", "get_default_x86_inductor_quantization_config", "get_x86_inductor_linear_dynamic_fp16_config"]

@@ -37,7 +37,7 @@ import torch
 
 from qcore.spec import QuantizationConfig, QuantizationSpec
 
-__all__ = ["get_default_x86_inductor_quantization_config"]
+__all__ = ["get_default_x86_inductor_quantization_config", "get_x86_inductor_linear_dynamic_fp16_config"]
 
 ACTIVATION_EPS = 2**-12
 
@@ -117,3 +117,24 @@ def _x86_config(is_qat: bool, is_dynamic: bool, reduce_range: bool, pair_safe: b
         bias=None,
         is_qat=is_qat,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def get_x86_inductor_linear_dynamic_fp16_config() -> QuantizationConfig:
+    """torchao's "linear_dynamic_fp16" config: the linear's weight is stored in float16 and cast
+    back to float32 at run time; activations and bias stay float32 (``fp32 x (fp16 w -> fp32)``).
+
+    Meant for linears, beside a static global config (it configures no activation, so it mixes
+    with any)::
+
+        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+        quantizer.set_module_type_qconfig(torch.nn.Linear, get_x86_inductor_linear_dynamic_fp16_config())
+
+    >>> config = get_x86_inductor_linear_dynamic_fp16_config()
+    >>> config.weight.dtype, config.input_activation, config.is_qat
+    (torch.float16, None, False)
+    """
+    from qcore import observers
+
+    weight = QuantizationSpec(dtype=torch.float16, observer_or_fake_quant_ctr=observers.PlaceholderObserver)
+    return QuantizationConfig(input_activation=None, output_activation=None, weight=weight, bias=None)

@@ -143,6 +143,14 @@ class X86InductorQuantizer(qcore.BackendQuantizer):
                         mark_annotated([node])
                     break
 
+    def scopes(self) -> list:
+        """qcore's scopes, narrowest first; the global one covers torchao's default recipe only (a
+        matmul of two activations is quantized where a narrower scope, ``torch.matmul``, asks)."""
+        from qcore_onednn_x86.annotators.matmul import outside_default_recipe
+
+        *narrower, (label, config, accept) = super().scopes()
+        return [*narrower, (label, config, outside_default_recipe(accept))]
+
     # -- torchao's configuration API -----------------------------------------------------
     def set_global(self, quantization_config: Optional[qcore.QuantizationConfig]) -> "X86InductorQuantizer":
         if self._mixes_modes(quantization_config):

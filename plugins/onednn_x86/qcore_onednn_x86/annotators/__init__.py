@@ -12,13 +12,27 @@ both and ``X86InductorQuantizer(sharing_recipe=...)`` runs one of them:
 * ``"sqnr"``, qcore's own: max_pool2d quantized with the qparams of its output's observer, cat
   and flatten/view/reshape shared, average pools left float (``avg_pool2d.keep_avg_pool2d_float``
   marks them, so reports give the reason) for their consumer to quantize with its own observer.
+
+A matmul of two activations (``matmul.py``) is not in the default recipe: the quantizer's global
+scope leaves it out, a ``torch.matmul`` (or module) scope quantizes it.
 """
 
 from __future__ import annotations
 
 import qcore
 
-from qcore_onednn_x86.annotators import avg_pool2d, cat, conv, conv_bn, int8_in_int8_out, linear, max_pool2d, mul, reshape
+from qcore_onednn_x86.annotators import (
+    avg_pool2d,
+    cat,
+    conv,
+    conv_bn,
+    int8_in_int8_out,
+    linear,
+    matmul,
+    max_pool2d,
+    mul,
+    reshape,
+)
 
 STATIC = {"static", "qat"}
 WITH_DYNAMIC = {"static", "dynamic", "qat"}
@@ -54,7 +68,8 @@ def x86_annotators() -> list:
         record("x86_linear_add", linear.annotate_linear_add, ("linear", "add"), WITH_DYNAMIC),
         record("x86_linear_unary", linear.annotate_linear_unary, ("linear", "unary"), WITH_DYNAMIC),
         record("x86_linear", linear.annotate_linear, ("linear",), WITH_DYNAMIC),
-        record("x86_mul", mul.annotate_mul, ("mul",)),
+        record("x86_mul", mul.annotate_mul, ("mul",), WITH_DYNAMIC),
+        record("x86_matmul", matmul.annotate_matmul, ("matmul",), WITH_DYNAMIC),
         record("x86_int8_in_int8_out", int8_in_int8_out.annotate_int8_in_int8_out, ("int8_in_int8_out",), shares_input=True),
         record("x86_max_pool2d", max_pool2d.annotate_max_pool2d, ("max_pool2d",), shares_input=True),
         record("x86_cat", cat.annotate_cat, ("cat",), shares_input=True),

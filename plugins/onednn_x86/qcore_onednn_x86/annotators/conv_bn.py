@@ -50,7 +50,7 @@ def _bn_add(conv: Node, bn: Node) -> Optional[tuple[Node, Node]]:
     if not is_call(add, ADD_OPS):
         return None
     extra = extra_input_of_add(add, bn)
-    if extra is None or extra is conv.args[0]:
+    if extra is None:
         return None
     return add, extra
 
