@@ -114,6 +114,7 @@ def quantize(
     max_drop: float = 0.01,
     max_float: Optional[int] = None,
     strict: bool = True,
+    quantizer_options: Optional[dict] = None,
 ) -> QuantizeResult:
     """Quantize ``model`` for ``backend``: export, annotate, calibrate (or train), convert, lower, report.
 
@@ -171,6 +172,10 @@ def quantize(
       best value reached, or with ``strict=False`` a warning and the best model found. The
       report lists what stayed float and why (``report.kept_float``) and the first ranking
       (``report.sensitivity``).
+
+    ``quantizer_options``: keyword arguments of the backend's quantizer class, e.g.
+    ``{"sharing_recipe": "sqnr", "conv1d_conv3d": True}`` for the onednn backend's
+    ``X86InductorQuantizer`` (an unknown name is an error listing the allowed ones).
     """
     import qcore
     from qcore.graph_copy import copy_graph_module
@@ -197,7 +202,7 @@ def quantize(
     progress = progress or _no_progress
     manager = get_plugin_manager()
     backend_record = manager.get_backend(backend)  # unknown or unavailable: a clear error now
-    quantizer = _make_quantizer(backend_record, config, qat, target)
+    quantizer = _make_quantizer(backend_record, config, qat, target, quantizer_options)
     example_inputs = as_inputs(example_inputs)
 
     exported: Optional[GraphModule] = None
@@ -413,7 +418,27 @@ def _checked_batches(exported: GraphModule, example_inputs: tuple, calibration: 
     return batches
 
 
-def _make_quantizer(backend_record: Any, config: Any, qat: bool, target: Optional[str] = None) -> Any:
+def _quantizer_instance(quantizer_class: type, options: Optional[dict]) -> Any:
+    """``quantizer_class(**options)``, with an error naming the options the class takes."""
+    if options is None:
+        return quantizer_class()
+    if not isinstance(options, dict):
+        raise QuantizeError(f"quantizer_options must be a dict of {quantizer_class.__name__}'s arguments, got {options!r}")
+    parameters = [name for name in inspect.signature(quantizer_class).parameters if name not in ("self", "args", "kwargs")]
+    unknown = sorted(set(options) - set(parameters))
+    if unknown:
+        raise QuantizeError(
+            f"quantizer_options: {quantizer_class.__name__} takes no {', '.join(unknown)}; "
+            f"allowed: {', '.join(parameters) or 'none'}"
+        )
+    try:
+        return quantizer_class(**options)
+    except (TypeError, ValueError) as exc:
+        raise QuantizeError(f"quantizer_options: {exc}") from exc
+
+
+def _make_quantizer(backend_record: Any, config: Any, qat: bool, target: Optional[str] = None,
+                    options: Optional[dict] = None) -> Any:
     quantizer_class = backend_record.quantizer_class
     if config is not None and target is not None:
         raise QuantizeError(
@@ -439,7 +464,7 @@ def _make_quantizer(backend_record: Any, config: Any, qat: bool, target: Optiona
                 config = default_config(is_qat=qat, target=target)
             except ValueError as exc:
                 raise QuantizeError(f"backend {backend_record.name!r}: {exc}") from exc
-    return quantizer_class().set_global(config)
+    return _quantizer_instance(quantizer_class, options).set_global(config)
 
 
 def _batch_inputs(batch: Any, n_inputs: int, index: int) -> tuple:

@@ -76,6 +76,13 @@ class X86InductorQuantizer(qcore.BackendQuantizer):
       ``"torchao"`` (torchao itself: 41.0 dB, 21, as it does not quantize the pools of that
       model's functional relus); on a CPU without VNNI (pair-safe ranges) 38.4 against 37.5 dB.
 
+    ``conv1d_conv3d=True`` (qcore's extension, off by default as in torchao, whose recipe
+    quantizes a conv1d only when a relu follows and no conv3d): also quantize a lone conv1d or
+    conv3d and a conv1d with any oneDNN unary post-op (gelu, silu, hardswish, ...); the lowering
+    runs a 1-D conv as a 2-D oneDNN conv with its post-ops. A quantized conv1d front end costs
+    accuracy on speech models (wav2vec2's conv1d + GroupNorm + GELU feature extractor), so it is
+    an opt-in: ``qcore.quantize(..., quantizer_options={"conv1d_conv3d": True})``.
+
     >>> X86InductorQuantizer(sharing_recipe="sqnr").sharing_recipe
     'sqnr'
     >>> import torch
@@ -92,22 +99,27 @@ class X86InductorQuantizer(qcore.BackendQuantizer):
     #: the values ``sharing_recipe`` takes
     SHARING_RECIPES: ClassVar[tuple[str, ...]] = ("torchao", "sqnr")
 
-    def __init__(self, sharing_recipe: str = "torchao") -> None:
+    def __init__(self, sharing_recipe: str = "torchao", conv1d_conv3d: bool = False) -> None:
         super().__init__()
         if not isinstance(sharing_recipe, str) or sharing_recipe not in self.SHARING_RECIPES:
             raise ValueError(
                 f"X86InductorQuantizer: unknown sharing_recipe {sharing_recipe!r}; "
                 f"allowed: {', '.join(repr(r) for r in self.SHARING_RECIPES)}"
             )
+        if not isinstance(conv1d_conv3d, bool):
+            raise TypeError(f"X86InductorQuantizer: conv1d_conv3d must be True or False, got {conv1d_conv3d!r}")
         self.sharing_recipe = sharing_recipe
+        self.conv1d_conv3d = conv1d_conv3d
 
     def annotators(self) -> list:
         """Every annotator for the backend, but of this plugin's observer-sharing annotators only
         those of ``sharing_recipe`` (see ``qcore_onednn_x86.annotators.SHARING_RECIPES``)."""
-        from qcore_onednn_x86.annotators import SHARING_RECIPES
+        from qcore_onednn_x86.annotators import CONV1D_CONV3D_ANNOTATORS, SHARING_RECIPES
 
-        other_recipes = {name for recipe, names in SHARING_RECIPES.items() if recipe != self.sharing_recipe for name in names}
-        return [a for a in super().annotators() if not (a.name in other_recipes and _is_ours(a.fn))]
+        left_out = {name for recipe, names in SHARING_RECIPES.items() if recipe != self.sharing_recipe for name in names}
+        if not self.conv1d_conv3d:
+            left_out.update(CONV1D_CONV3D_ANNOTATORS)
+        return [a for a in super().annotators() if not (a.name in left_out and _is_ours(a.fn))]
 
     def annotate(self, model: "torch.fx.GraphModule") -> "torch.fx.GraphModule":
         """Claim the ops of every scope configured None as float first, then run the recipe.

@@ -1,5 +1,6 @@
-"""conv1d and conv3d: annotated with the x86 recipe and lowered to oneDNN's int8 conv
-(``qconv2d_pointwise``): a 1-D conv runs as a 2-D one with a height of 1 and fuses every conv
+"""conv1d and conv3d: annotated with the x86 recipe (``X86InductorQuantizer(conv1d_conv3d=True)``,
+qcore's opt-in; by default only conv1d + relu, as torchao's recipe) and lowered to oneDNN's int8
+conv (``qconv2d_pointwise``): a 1-D conv runs as a 2-D one with a height of 1 and fuses every conv
 post-op; a 3-D conv fuses only its output quantize (oneDNN refuses its post-ops), also compiled."""
 
 from __future__ import annotations
@@ -8,11 +9,24 @@ import pytest
 import torch
 
 import qcore
+import qcore.coverage
+import qcore.errors
 
 from _onednn_helpers import (
     skip_range_clamp,
-    aten, assert_close_to_reference, calls, count, counters, largest_activation_scale, lower, onednn, qd, quantize,
+    aten, assert_close_to_reference, calls, count, counters, largest_activation_scale, lower, onednn, qd,
 )
+from _onednn_helpers import quantize as quantize_with
+from qcore_onednn_x86 import X86InductorQuantizer, get_default_x86_inductor_quantization_config
+
+
+def opted_in() -> X86InductorQuantizer:
+    return X86InductorQuantizer(conv1d_conv3d=True).set_global(get_default_x86_inductor_quantization_config())
+
+
+def quantize(model: torch.nn.Module, example: tuple) -> torch.fx.GraphModule:
+    """The x86 recipe with conv1d/conv3d opted in."""
+    return quantize_with(model, example, opted_in())
 
 QCONV = onednn.qconv2d_pointwise.default
 
@@ -137,3 +151,41 @@ def test_conv1d_and_conv3d_compile_with_qcore_compile(model, example):
         expected = compiled.lowered(*example)
     assert (expected - compiled(*example)).abs().max() <= largest_activation_scale(converted) * 1.01 + 1e-5
     torch._dynamo.reset()
+
+
+class Conv1dGelu(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv1d(4, 8, 3), torch.nn.Conv1d(8, 8, 3)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.gelu(torch.relu(self.a(x))))
+
+
+def test_by_default_only_conv1d_relu_is_quantized_as_in_torchaos_recipe():
+    """torchao's x86 recipe: conv1d + relu (its unary patterns); a conv1d with another post-op or
+    none, and conv3d, stay float."""
+    example = (torch.randn(2, 4, 16),)
+    default = quantize_with(Conv1dGelu(), example)
+    (first, second) = calls(default, aten.conv1d.default)
+    assert first.args[0].target is qd.dequantize_per_tensor.default  # conv1d -> relu: quantized
+    assert second.args[0].op != "call_function" or "dequantize" not in str(second.args[0].target)  # lone: float
+    with pytest.warns(qcore.coverage.NothingAnnotatedWarning, match=r"conv 0/2"):
+        conv3d = quantize_with(Conv3dStack(), (torch.randn(1, 3, 4, 8, 8),))
+    assert count(conv3d, qd.quantize_per_tensor.default) == 0
+    opted = quantize(Conv1dGelu(), example)
+    assert all(c.args[0].target is qd.dequantize_per_tensor.default for c in calls(opted, aten.conv1d.default))
+
+
+def test_quantize_takes_the_opt_in_as_quantizer_options():
+    example = (torch.randn(2, 4, 16),)
+    model = Conv1dGelu().eval()
+    plain = qcore.quantize(model, example, backend="onednn", measure_latency=False, lower=False)
+    opted = qcore.quantize(model, example, backend="onednn", measure_latency=False, lower=False,
+                           quantizer_options={"conv1d_conv3d": True})
+    assert count(plain.converted, qd.quantize_per_tensor.default) == 1
+    assert count(opted.converted, qd.quantize_per_tensor.default) == 2
+    with pytest.raises(qcore.errors.QuantizeError, match=r"X86InductorQuantizer takes no conv1d; allowed: sharing_recipe, conv1d_conv3d"):
+        qcore.quantize(model, example, backend="onednn", measure_latency=False, quantizer_options={"conv1d": True})
+    with pytest.raises(qcore.errors.QuantizeError, match=r"conv1d_conv3d must be True or False"):
+        qcore.quantize(model, example, backend="onednn", measure_latency=False, quantizer_options={"conv1d_conv3d": 1})

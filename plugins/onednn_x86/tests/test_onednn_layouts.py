@@ -26,10 +26,12 @@ QLINEAR_BINARY = (onednn.qlinear_pointwise.binary, onednn.qlinear_pointwise.bina
 
 
 def quantized(model: nn.Module, shape: tuple, batches: int = 4) -> Any:
-    """``qcore.quantize`` on random batches of ``shape``; returns the QuantizeResult."""
+    """``qcore.quantize`` on random batches of ``shape``; returns the QuantizeResult. conv1d and
+    conv3d are opted in (``conv1d_conv3d``): their lowerings' layouts are under test here."""
     torch.manual_seed(0)
     data = [(torch.randn(*shape),) for _ in range(batches)]
-    return qcore.quantize(model.eval(), data[0], backend="onednn", calibration=data, measure_latency=False)
+    return qcore.quantize(model.eval(), data[0], backend="onednn", calibration=data, measure_latency=False,
+                          quantizer_options={"conv1d_conv3d": True})
 
 
 def output_step(converted: torch.fx.GraphModule) -> float:

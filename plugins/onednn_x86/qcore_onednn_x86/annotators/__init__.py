@@ -45,6 +45,11 @@ SHARING_RECIPES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: qcore's extension, run only with ``X86InductorQuantizer(conv1d_conv3d=True)``: torchao's x86
+#: recipe quantizes conv1d only when a relu follows, and no conv3d
+CONV1D_CONV3D_ANNOTATORS: tuple[str, ...] = ("x86_conv1d_unary", "x86_conv1d_conv3d")
+
+
 def x86_annotators() -> list:
     """Every annotator of the x86 recipe, both sharing recipes included (qcore orders them:
     fused patterns first; the quantizer keeps the sharing annotators of its recipe)."""
@@ -62,6 +67,7 @@ def x86_annotators() -> list:
         record("x86_conv2d_add", conv.annotate_conv2d_add, ("conv2d", "add")),
         record("x86_conv2d_unary", conv.annotate_conv2d_unary, ("conv2d", "unary")),
         record("x86_conv2d", conv.annotate_conv2d, ("conv2d",)),
+        record("x86_conv1d_relu", conv.annotate_conv1d_relu, ("conv1d", "relu")),
         record("x86_conv1d_unary", conv.annotate_conv1d_unary, ("conv1d", "unary")),
         record("x86_conv1d_conv3d", conv.annotate_conv1d_conv3d, ("conv1d|conv3d",)),
         record("x86_linear_add_relu", linear.annotate_linear_add_relu, ("linear", "add", "relu"), WITH_DYNAMIC),

@@ -138,6 +138,18 @@ def annotate_conv1d_conv3d(model: GraphModule, config: QuantizationConfig, filte
     return _annotate_lone_conv(model, config, filter_fn, CONV1D_CONV3D_OPS)
 
 
+def annotate_conv1d_relu(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
+    """conv1d followed by its only user, a relu: the one conv1d pattern torchao's x86 recipe has."""
+    partitions = []
+    for conv in _convs(model, CONV1D_CONV3D_OPS[:1]):
+        relu = single_user(conv)
+        if not is_call(relu, RELU_OPS) or should_skip([conv, relu], filter_fn):
+            continue
+        annotate_weighted_op(conv, config)
+        partitions.append(claim_partition([conv, relu], relu, config))
+    return partitions
+
+
 def annotate_conv1d_unary(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
     """conv1d followed by its only user, a unary post-op (oneDNN runs a 1-D conv as a 2-D one, with
     the same post-ops)."""
