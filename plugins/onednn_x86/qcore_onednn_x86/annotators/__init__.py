@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import qcore
 
-from qcore_onednn_x86.annotators import avg_pool2d, cat, conv, conv_bn, linear, max_pool2d, mul, reshape
+from qcore_onednn_x86.annotators import addmm, avg_pool2d, cat, conv, conv_bn, linear, max_pool2d, mul, reshape
 
 STATIC = {"static", "qat"}
 WITH_DYNAMIC = {"static", "dynamic", "qat"}
@@ -41,6 +41,7 @@ def x86_annotators() -> list:
         record("x86_linear_add", linear.annotate_linear_add, ("linear", "add"), WITH_DYNAMIC),
         record("x86_linear_unary", linear.annotate_linear_unary, ("linear", "unary"), WITH_DYNAMIC),
         record("x86_linear", linear.annotate_linear, ("linear",), WITH_DYNAMIC),
+        record("x86_addmm", addmm.annotate_addmm, ("addmm",), WITH_DYNAMIC),
         record("x86_mul", mul.annotate_mul, ("mul",)),
         record("x86_max_pool2d", max_pool2d.annotate_max_pool2d, ("max_pool2d",), shares_input=True),
         record("x86_cat", cat.annotate_cat, ("cat",), shares_input=True),
