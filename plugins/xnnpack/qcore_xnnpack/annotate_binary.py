@@ -8,7 +8,9 @@ add -> relu: the add gets the input specs only, the relu (the add's only user) t
 spec. Operands that are plain Python numbers are not quantized (``transform_for_annotation``
 turns them into tensor constants first, so normally there are none). An operand that is a
 one-element constant larger than 3.4028235e15 in magnitude (the histogram observer cannot bin
-it), or that is not a float32 tensor (int64 counters, bf16 tensors), keeps the op in float.
+it), or that is not a float32 tensor (int64 counters, bf16 tensors), keeps the op in float, and
+so does float arithmetic no model data reaches (index math such as T5's position buckets, see
+``qcore_xnnpack.index_arithmetic``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Optional
 
 from torch.fx import GraphModule, Node
 
-from qcore.annotation import annotate_input, annotate_output, is_annotated, mark_annotated
+from qcore.annotation import annotate_input, annotate_output, is_annotated, keep_float, mark_annotated
 from qcore.spec import QuantizationConfig, get_input_act_qspec, get_output_act_qspec
+from qcore_xnnpack.index_arithmetic import INDEX_ARITHMETIC_REASON, is_index_arithmetic
 from qcore_xnnpack.matching import (
     ADD,
     MUL,
@@ -35,6 +38,9 @@ def _annotate_binary(model: GraphModule, config: Optional[QuantizationConfig], f
     partitions = []
     for node in model.graph.nodes:
         if not is_call(node, targets) or is_annotated(node) or not accepted(filter_fn, [node]):
+            continue
+        if is_index_arithmetic(node, model):
+            keep_float(node, INDEX_ARITHMETIC_REASON)
             continue
         inputs = quantizable_binary_inputs(node, model)
         if inputs is None:
@@ -56,6 +62,9 @@ def _annotate_binary_relu(model: GraphModule, config: Optional[QuantizationConfi
         if not is_call(op, targets) or not only_user_is(op, relu):
             continue
         if is_annotated([relu, op]) or not accepted(filter_fn, [relu, op]):
+            continue
+        if is_index_arithmetic(op, model):
+            keep_float(op, INDEX_ARITHMETIC_REASON)
             continue
         inputs = quantizable_binary_inputs(op, model)
         if inputs is None:

@@ -62,3 +62,69 @@ def test_constant_names_skip_taken_ones():
     gm.register_buffer("_tensor_constant_0", torch.tensor(7.0))
     assert convert_scalars_to_attrs(gm) is True
     assert [c.target for c in _constants(gm)] == ["_tensor_constant_1", "_tensor_constant_2", "_tensor_constant_3"]
+
+
+class IntegerArithmetic(torch.nn.Module):
+    """Position ids computed on int64 tensors beside float arithmetic (GPT-2 / Llama style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 4)
+
+    def forward(self, x):
+        pos = torch.arange(x.shape[1]) + 0  # int64 + int scalar
+        pos = pos * 2  # int64 * int scalar
+        scaled = pos * 0.5  # int64 * float scalar: a float result, still integer arithmetic
+        return x * 0.5 + self.emb(pos) + scaled[None, :, None]
+
+
+def test_integer_arithmetic_keeps_its_scalars_and_float_arithmetic_converts():
+    gm = export(IntegerArithmetic(), torch.randn(1, 6, 4))
+    new = quantizer().transform_for_annotation(gm)
+    by_name = {n.name: n for n in new.graph.nodes}
+    assert by_name["add"].args[1] == 0 and by_name["add"].meta["val"].dtype == torch.int64
+    assert by_name["mul"].args[1] == 2 and by_name["mul"].meta["val"].dtype == torch.int64
+    assert by_name["mul_1"].args[1] == 0.5  # the int64 operand rules it out though the result is float
+    float_mul = by_name["mul_2"]
+    assert float_mul.args[0].name == "x" and float_mul.args[1].op == "get_attr"
+    assert [c.target for c in _constants(new)] == ["_tensor_constant_0"]
+    x = torch.randn(1, 6, 4)
+    torch.testing.assert_close(new(x), gm(x))
+
+
+def test_integer_only_arithmetic_is_not_a_scalar_operand():
+    class Counter(torch.nn.Module):
+        def forward(self, ids):
+            return (ids + 1) * 3
+
+    gm = export(Counter(), torch.arange(4))
+    assert quantizer().transform_for_annotation(gm) is gm
+    assert convert_scalars_to_attrs(gm) is False
+
+
+def test_an_operand_without_a_recorded_value_keeps_its_scalar():
+    gm = export(Scalars(), torch.randn(2, 3))
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    del x.meta["val"]
+    converted = convert_scalars_to_attrs(gm)
+    add = next(n for n in gm.graph.nodes if n.name == "add")
+    assert add.args[1] == 1.0  # its only tensor operand is x, whose dtype is unknown
+    assert converted is True  # mul reads add, whose val is known float32
+
+
+def test_zero_dim_operands_get_a_constant_of_their_dtype():
+    class HalfScalar(torch.nn.Module):
+        def forward(self, x):
+            return x * 3.0
+
+    x = torch.tensor(2.0, dtype=torch.float16)
+    gm = export(HalfScalar(), x)
+    new = quantizer().transform_for_annotation(gm)
+    (constant,) = _constants(new)
+    assert getattr(new, constant.target).dtype == torch.float16
+    assert new(x).dtype == torch.float16 and new(x).item() == 6.0
+    # dim >= 1 operands get float32 constants (they do not promote the result)
+    y = torch.randn(3, dtype=torch.float16)
+    new = quantizer().transform_for_annotation(export(HalfScalar(), y))
+    (constant,) = _constants(new)
+    assert getattr(new, constant.target).dtype == torch.float32 and new(y).dtype == torch.float16

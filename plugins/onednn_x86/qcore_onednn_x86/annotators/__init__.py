@@ -22,6 +22,7 @@ from __future__ import annotations
 import qcore
 
 from qcore_onednn_x86.annotators import (
+    addmm,
     avg_pool2d,
     cat,
     conv,
@@ -74,6 +75,7 @@ def x86_annotators() -> list:
         record("x86_linear_add", linear.annotate_linear_add, ("linear", "add"), WITH_DYNAMIC),
         record("x86_linear_unary", linear.annotate_linear_unary, ("linear", "unary"), WITH_DYNAMIC),
         record("x86_linear", linear.annotate_linear, ("linear",), WITH_DYNAMIC),
+        record("x86_addmm", addmm.annotate_addmm, ("addmm",), WITH_DYNAMIC),
         record("x86_mul", mul.annotate_mul, ("mul",), WITH_DYNAMIC),
         record("x86_matmul", matmul.annotate_matmul, ("matmul",), WITH_DYNAMIC),
         record("x86_int8_in_int8_out", int8_in_int8_out.annotate_int8_in_int8_out, ("int8_in_int8_out",), shares_input=True),

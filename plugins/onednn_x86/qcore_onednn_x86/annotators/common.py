@@ -218,8 +218,11 @@ def linear_weight(node: Any) -> Optional[LinearWeight]:
 
 
 def is_linear_like(node: Any) -> bool:
-    """True for linear, and for a matmul whose second operand is a (transposed) constant."""
-    return linear_weight(node) is not None
+    """True for linear, a matmul whose second operand is a (transposed) constant, and a linear-like
+    ``addmm`` (``annotators/addmm.py``)."""
+    from qcore_onednn_x86.annotators.addmm import is_linear_like_addmm
+
+    return linear_weight(node) is not None or is_linear_like_addmm(node)
 
 
 __all__ = [
