@@ -20,7 +20,7 @@ from qcore.records import LoweringContext
 from _onednn_helpers import QDQ_OPS, aten, calls, count, counters, export, largest_activation_scale, lower, qd, qdq_count
 
 from qcore_onednn_x86 import X86InductorQuantizer, get_default_x86_inductor_quantization_config
-from qcore_onednn_x86.annotators import SHARING_RECIPES
+from qcore_onednn_x86.annotators import CONV1D_CONV3D_ANNOTATORS, SHARING_RECIPES
 from qcore_onednn_x86.annotators.int8_in_int8_out import FLATTEN_CONSUMER_REASON, NOT_QUANTIZED_INPUT_REASON
 from qcore_onednn_x86.lowering.avg_pool2d_uint8_ops import adaptive_avg_pool2d_uint8, avg_pool2d_uint8
 from qcore_onednn_x86.lowering.lower_quantized_avg_pool2d import lower_quantized_avg_pool2d
@@ -332,7 +332,9 @@ def test_sharing_recipe_is_checked_and_selects_its_annotators():
         selected = {a.name for a in X86InductorQuantizer(sharing_recipe=recipe).annotators()}
         others = {n for r, ns in SHARING_RECIPES.items() if r != recipe for n in ns}
         assert set(names) <= selected and not (others & selected)
-        assert selected | others == every  # everything else runs in both recipes
+        assert selected | others | set(CONV1D_CONV3D_ANNOTATORS) == every  # everything else runs in both recipes
+        opted_in = {a.name for a in X86InductorQuantizer(sharing_recipe=recipe, conv1d_conv3d=True).annotators()}
+        assert opted_in == selected | set(CONV1D_CONV3D_ANNOTATORS)  # the conv1d/conv3d opt-in adds only its own
 
 
 def test_sqnr_recipe_keeps_average_pools_float_and_derives_max_pool2d_qparams():
