@@ -10,9 +10,11 @@ converts and measures:
 
 * ok / the error (first line);
 * q/dq ops after convert (quantize/dequantize of ``quantized_decomposed``);
-* int8 share: of the conv / linear / addmm / constant-weight matmul ops of the float graph, how
-  many run as int8 kernels (x86: no aten op left for them after lowering; xnnpack, not lowered
-  here: their weight comes from a dequantize);
+* int8 share: of the conv / linear / addmm / constant-weight matmul ops of the float graph (a
+  weight computed from constants, as weight norm makes, counts), how many run as int8 kernels
+  (x86: neither an aten op with a constant weight, float or dequantized, nor an fp32 oneDNN/MKL
+  kernel is left for them after lowering; xnnpack, not lowered here: their weight comes from a
+  dequantize);
 * SQNR (dB) vs float of the q/dq model and (x86) of the lowered model (qcore: ``qcore.lower``;
   torchao: ``lower_pt2e_quantized_to_x86``), on 2 evaluation batches;
 * prepare + convert time (export and calibration excluded);
@@ -243,32 +245,58 @@ PASS_THROUGH = (aten.t.default, aten.permute.default, aten.transpose.int, aten.v
                 aten.expand.default, aten.clone.default, aten.contiguous.default, aten._unsafe_view.default)
 
 
-def _weight_source(node: Any) -> Optional[str]:
-    """"float" (a get_attr), "int8" (a dequantize) or None (an activation) behind a weight operand."""
+FLOAT_KERNELS = ("mkl._mkl_linear", "mkldnn._linear_pointwise", "mkldnn._convolution_pointwise",
+                 "mkldnn._convolution_transpose_pointwise")
+
+
+def _input_dependent(gm: torch.fx.GraphModule) -> set:
+    """The nodes whose value depends on a graph input (activations; the rest are constants)."""
+    dependent: set = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(arg in dependent for arg in node.all_input_nodes):
+            dependent.add(node)
+    return dependent
+
+
+def _weight_kind(node: Any, dependent: set) -> Optional[str]:
+    """"int8" (a dequantize on the way), "float" (a constant, possibly computed: weight norm) or
+    None (an activation) behind a weight operand."""
+    if not isinstance(node, torch.fx.Node) or node in dependent:
+        return None
     for _ in range(8):
-        if not isinstance(node, torch.fx.Node):
-            return None
-        if node.op == "get_attr":
-            return "float"
         if node.op == "call_function" and "dequantize" in str(node.target):
             return "int8"
         if node.op != "call_function" or node.target not in PASS_THROUGH:
-            return None
+            return "float"
         node = node.args[0]
-    return None
+    return "float"
 
 
 def weight_ops(gm: torch.fx.GraphModule) -> dict[str, int]:
-    """How many weight ops (conv, linear, addmm, constant-weight mm/matmul) read a float or an int8 weight."""
-    counts = {"float": 0, "int8": 0}
+    """How many weight ops (conv, linear, addmm, constant-weight mm/matmul) read a float or an
+    int8 (dequantized) constant weight, and how many fp32 oneDNN/MKL kernels the graph runs."""
+    dependent = _input_dependent(gm)
+    counts = {"float": 0, "int8": 0, "float_kernels": 0}
     for node in gm.graph.nodes:
-        positions = WEIGHT_OPS.get(node.target) if node.op == "call_function" else None
-        if positions is None:
+        if node.op != "call_function":
             continue
-        source = _weight_source(node.args[positions[0]] if len(node.args) > positions[0] else None)
-        if source is not None:
-            counts[source] += 1
+        if any(str(node.target).startswith(name) for name in FLOAT_KERNELS):
+            counts["float_kernels"] += 1
+            continue
+        positions = WEIGHT_OPS.get(node.target)
+        if positions is None or len(node.args) <= positions[0]:
+            continue
+        kind = _weight_kind(node.args[positions[0]], dependent)
+        if kind is not None:
+            counts[kind] += 1
     return counts
+
+
+def float_weight_ops_left(gm: torch.fx.GraphModule) -> int:
+    """Weight ops of a lowered graph that do not run as int8 kernels: aten ops with a constant
+    weight (float, or dequantized: simulated) and fp32 oneDNN/MKL kernels."""
+    counts = weight_ops(gm)
+    return counts["float"] + counts["int8"] + counts["float_kernels"]
 
 
 def median_ms(fn: Callable, inputs: tuple, repeat: int) -> float:
@@ -350,7 +378,7 @@ def measure(model_name: str, impl: str, backend: str, latency: bool = False, com
             reference = [model(*batch) for batch in evaluation]
         example = calibration[0]
         exported = torch.export.export(model, example).module()
-        record["weight_ops"] = sum(weight_ops(exported).values())
+        record["weight_ops"] = weight_ops(exported)["float"]
         quantizer, prepare, convert = _quantizer(impl, backend)
         start = time.perf_counter()
         prepared = prepare(exported, quantizer)
@@ -373,7 +401,7 @@ def measure(model_name: str, impl: str, backend: str, latency: bool = False, com
                 record["lowered_error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
                 return record
             record["sqnr_lowered"] = mean_sqnr(lowered, reference, evaluation)
-            record["int8_ops"] = record["weight_ops"] - sum(weight_ops(lowered).values())
+            record["int8_ops"] = record["weight_ops"] - float_weight_ops_left(lowered)
             if latency:
                 record["fp32_ms"] = median_ms(model, example, repeat)
                 record["int8_lowered_ms"] = median_ms(lowered, example, repeat)

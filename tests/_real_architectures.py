@@ -9,6 +9,8 @@ and returns the last hidden state. Import this module only after
 from __future__ import annotations
 
 import collections
+import sys
+import types
 from typing import Callable
 
 import torch
@@ -16,6 +18,24 @@ from torch.fx import GraphModule
 
 VOCAB = 128
 SEQ = 16
+
+
+def _importable_torchvision() -> None:
+    """``transformers`` imports torchvision when it is installed; the CUDA build on the package
+    index does not load beside torch 2.13 CPU (``operator torchvision::nms does not exist``).
+    Stub its C-op registrations then, as ``bench/bench_zoo.py`` does (no model here uses them)."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return
+    except RuntimeError:
+        for name in [name for name in sys.modules if name == "torchvision" or name.startswith("torchvision.")]:
+            del sys.modules[name]
+        for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
+            sys.modules[name] = types.ModuleType(name)
+
+
+_importable_torchvision()
 
 
 class TokenModel(torch.nn.Module):

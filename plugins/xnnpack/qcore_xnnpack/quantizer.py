@@ -96,7 +96,8 @@ class XNNPACKQuantizer(qcore.BackendQuantizer):
     supported_config_and_operators: ClassVar[list] = _LazyClassAttribute(_supported_config_and_operators)  # type: ignore[assignment]
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
-        """Scalar operands of add/mul become tensor constants (on a copy: ``model`` is not changed)."""
+        """Scalar operands of floating-point add/mul become tensor constants (on a copy: ``model`` is not
+        changed); integer arithmetic (position ids, indices) keeps its scalars."""
         from qcore.graph_copy import copy_graph_module
         from qcore_xnnpack.convert_scalars_to_attrs import convert_scalars_to_attrs, has_scalar_operands
 
