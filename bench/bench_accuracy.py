@@ -14,13 +14,15 @@ int8, the partitions the target kept float, and for the digits CNN the test accu
 * ``outlier_mlp``: a transformer MLP block whose LayerNorm output has 4 of 256 channels 50x;
 * ``outlier_transformer``: three such blocks (outliers 50x, none, 20x), 8 linears;
 * ``digits``: the digits CNN of ``tests/test_qat_digits.py`` with 4-bit weights (-8..7),
-  trained per seed (``--seeds``; mean and spread over the seeds at the end).
+  trained per seed (``--seeds``; mean and spread over the seeds at the end), one scale per
+  output channel or, with ``--weights per-tensor`` (the harsh setting where bias correction's
+  accuracy gain shows), one symmetric scale per weight tensor.
 
 ``--sensitivity-plot PATH`` also writes the sensitivity chart of ``outlier_transformer`` (the
 README's figure).
 
     python bench/bench_accuracy.py [--backend onednn] [--models outlier_mlp digits] [--seeds 0 1 2 3 4 5]
-        [--skip-torchao] [--sensitivity-plot docs/images/sensitivity_outlier_transformer.png]
+        [--weights per-channel|per-tensor] [--skip-torchao] [--sensitivity-plot docs/images/sensitivity_outlier_transformer.png]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import attrs
 import torch
 
 import qcore
+from qcore import observers
 from qcore.accuracy import AccuracyTargetWarning
 from qcore.accuracy.examples import OutlierMLP, OutlierTransformer, outlier_mlp_data
 from qcore.metrics import sqnr_db
@@ -50,7 +53,8 @@ VARIANTS = ("torchao plain", "plain, xnnpack", "plain", "smooth_quant=0.5", "bia
 @attrs.define
 class Case:
     """One model: the float ``model``, ``calibration`` batches, ``held_out`` batches, an optional
-    ``metric(model) -> %`` and the weights' ``weight_range`` (None: each backend's default config)."""
+    ``metric(model) -> %``, the weights' ``weight_range`` (None: each backend's default config) and
+    whether they have a scale per output channel (``weight_per_channel``) or one per tensor."""
 
     name: str
     model: torch.nn.Module
@@ -58,6 +62,7 @@ class Case:
     held_out: list
     metric: Optional[Callable[[Any], float]] = None
     weight_range: Optional[tuple] = None  # None: the backend's default config
+    weight_per_channel: bool = True
 
     def config(self, backend: str) -> Any:
         if self.weight_range is None:
@@ -65,7 +70,11 @@ class Case:
         quantizer_class: Any = qcore.get_plugin_manager().get_backend(backend).quantizer_class
         config = quantizer_class.default_config()
         low, high = self.weight_range
-        return attrs.evolve(config, weight=attrs.evolve(config.weight, quant_min=low, quant_max=high))
+        weight = attrs.evolve(config.weight, quant_min=low, quant_max=high)
+        if not self.weight_per_channel:
+            weight = attrs.evolve(weight, qscheme=torch.per_tensor_symmetric,
+                                  observer_or_fake_quant_ctr=observers.MinMaxObserver.with_args(eps=2**-12))
+        return attrs.evolve(config, weight=weight)
 
 
 def output_sqnr(model: Any, quantized: Any, batches: list) -> float:
@@ -78,7 +87,7 @@ def torchao_plain(case: Case) -> Any:
     from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
 
     low, high = case.weight_range or (-127, 127)
-    config = get_symmetric_quantization_config(is_per_channel=True, weight_qmin=low, weight_qmax=high)
+    config = get_symmetric_quantization_config(is_per_channel=case.weight_per_channel, weight_qmin=low, weight_qmax=high)
     exported = torch.export.export(case.model, case.calibration[0]).module()
     prepared = prepare_pt2e(exported, XNNPACKQuantizer().set_global(config))
     with torch.no_grad():
@@ -160,17 +169,17 @@ def outlier_cases(names: list) -> list:
     return [Case(name, models[name]().eval(), calibration, held_out) for name in names if name in models]
 
 
-def digits_case(seed: int) -> Case:
+def digits_case(seed: int, per_channel: bool = True) -> Case:
     from test_qat_digits import BATCH, accuracy, load_digits_split, train_float
 
     data = load_digits_split(seed)
     model = train_float(seed, data, epochs=6)
     x_train, _, x_test, y_test = data
     return Case(
-        f"digits CNN, 4-bit weights (-8..7), seed {seed}", model,
+        f"digits CNN, 4-bit weights (-8..7) {'per channel' if per_channel else 'per tensor'}, seed {seed}", model,
         [(x_train[i : i + BATCH],) for i in range(0, 8 * BATCH, BATCH)],
         [(x_test[i : i + BATCH],) for i in range(0, len(x_test) - BATCH + 1, BATCH)],
-        metric=lambda m: accuracy(m, x_test, y_test), weight_range=(-8, 7),
+        metric=lambda m: accuracy(m, x_test, y_test), weight_range=(-8, 7), weight_per_channel=per_channel,
     )
 
 
@@ -180,6 +189,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["outlier_mlp", "outlier_transformer", "digits"],
                         choices=["outlier_mlp", "outlier_transformer", "digits"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="digits training seeds")
+    parser.add_argument("--weights", choices=["per-channel", "per-tensor"], default="per-channel",
+                        help="digits CNN's 4-bit weights: a scale per output channel (default) or one per tensor")
     parser.add_argument("--target-gain", type=float, default=10.0, help="min_sqnr_db = plain + this (dB)")
     parser.add_argument("--skip-torchao", action="store_true")
     parser.add_argument("--sensitivity-plot", metavar="PATH", help="write outlier_transformer's sensitivity chart here")
@@ -199,13 +210,13 @@ def main() -> None:
     if "digits" in args.models:
         per_seed = []
         for seed in args.seeds:
-            case = digits_case(seed)
+            case = digits_case(seed, per_channel=args.weights == "per-channel")
             rows = run_case(case, args.backend, args.target_gain, skip_torchao)
             float_accuracy = case.metric(case.model) if case.metric else float("nan")
             print_rows(f"{case.name} (float accuracy {float_accuracy:.2f}%)", rows, "accuracy")
             per_seed.append(rows)
         if len(per_seed) > 1:
-            print(f"\ndigits CNN, 4-bit weights, {len(per_seed)} seeds: mean (sd)")
+            print(f"\ndigits CNN, 4-bit weights {args.weights}, {len(per_seed)} seeds: mean (sd)")
             for variant in VARIANTS:
                 good = [rows[variant] for rows in per_seed if variant in rows and "error" not in rows[variant]]
                 if len(good) == len(per_seed):
@@ -213,9 +224,12 @@ def main() -> None:
                     print(f"  {variant:<18} SQNR {statistics.mean(dbs):6.2f} dB ({statistics.stdev(dbs):.2f})   "
                           f"accuracy {statistics.mean(accs):6.2f}% ({statistics.stdev(accs):.2f})")
             gains = [rows["bias_correction"]["metric"] - rows["plain"]["metric"] for rows in per_seed]
-            print(f"  bias correction vs plain: accuracy {statistics.mean(gains):+.2f} points (sd {statistics.stdev(gains):.2f}), "
+            gains_db = [rows["bias_correction"]["db"] - rows["plain"]["db"] for rows in per_seed]
+            print(f"  bias correction vs plain: accuracy {statistics.mean(gains):+.2f} points (sd {statistics.stdev(gains):.2f}, "
+                  f"standard error {statistics.stdev(gains) / len(gains) ** 0.5:.2f}), "
                   f"higher on {sum(g > 0 for g in gains)}, equal on {sum(g == 0 for g in gains)}, "
-                  f"lower on {sum(g < 0 for g in gains)} of {len(gains)} seeds")
+                  f"lower on {sum(g < 0 for g in gains)} of {len(gains)} seeds; SQNR {statistics.mean(gains_db):+.2f} dB "
+                  f"(sd {statistics.stdev(gains_db):.2f})")
     if args.sensitivity_plot:
         from qcore.app.report import sensitivity_markdown, write_sensitivity_chart
 

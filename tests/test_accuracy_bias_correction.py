@@ -4,8 +4,10 @@ quantized mean of its output per channel over the calibration batches.
 Hand-computed on one linear with 4-bit weights (the quantized output rebuilt here from the
 observer formulas); every corrected layer's output mean equals the float model's afterwards
 (each layer measured after the ones before it were corrected); and on the digits CNN with
-4-bit weights (range -8..7) it raises the output SQNR and keeps or raises the accuracy over
-six seeds (mean and spread printed; ``bench/bench_accuracy.py`` prints the same figures).
+per-tensor symmetric 4-bit weights (range -8..7; per-channel 4-bit barely costs that CNN any
+accuracy) it raises the output SQNR and the accuracy over six seeds (mean and spread printed;
+``bench/bench_accuracy.py --models digits --weights per-tensor --seeds 0 1 2 3 4 5`` prints
+the same figures).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch.fx import GraphModule, Interpreter
 
 import qcore
+from qcore import observers
 from qcore.metrics import sqnr_db
 from qcore.testing import requires_backend
 
@@ -38,10 +41,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def four_bit_config(backend: str) -> Any:
-    """The backend's default config with weights on -8..7 (stored as int8)."""
-    config = qcore.get_plugin_manager().get_backend(backend).quantizer_class.default_config()
-    return attrs.evolve(config, weight=attrs.evolve(config.weight, quant_min=-8, quant_max=7))
+def four_bit_config(backend: str, per_channel: bool = True) -> Any:
+    """The backend's default config with weights on -8..7 (stored as int8); ``per_channel=False``:
+    one symmetric scale per weight tensor (a min/max observer)."""
+    quantizer_class: Any = qcore.get_plugin_manager().get_backend(backend).quantizer_class
+    config = quantizer_class.default_config()
+    weight = attrs.evolve(config.weight, quant_min=-8, quant_max=7)
+    if not per_channel:
+        weight = attrs.evolve(weight, qscheme=torch.per_tensor_symmetric,
+                              observer_or_fake_quant_ctr=observers.MinMaxObserver.with_args(eps=2**-12))
+    return attrs.evolve(config, weight=weight)
 
 
 def node(model: GraphModule, name: str) -> torch.fx.Node:
@@ -124,9 +133,9 @@ def test_each_layer_is_measured_after_the_ones_before_it_were_corrected():
     assert max(float((plain_means[n] - float_means[n]).abs().max()) for n in names) > 1e-3
 
 
-def digits_bias_correction(seed: int, backend: str = "reference", epochs: int = 6) -> dict:
-    """Train the digits CNN (``epochs``, seed ``seed``), quantize it with 4-bit weights with and
-    without bias correction (8 calibration batches of 64 training images) and measure the test
+def digits_bias_correction(seed: int, backend: str = "reference", epochs: int = 6, per_channel: bool = True) -> dict:
+    """Train the digits CNN (``epochs``, seed ``seed``), quantize it with 4-bit weights (per channel,
+    or per tensor with ``per_channel=False``) with and without bias correction (8 calibration batches of 64 training images) and measure the test
     accuracy (%) and the output SQNR (dB) on the 450 test images of both, and of float."""
     data = load_digits_split(seed)
     model = train_float(seed, data, epochs=epochs)
@@ -138,7 +147,8 @@ def digits_bias_correction(seed: int, backend: str = "reference", epochs: int = 
     figures: dict = {"float": accuracy(model, x_test, y_test)}
     for name, corrected in (("plain", False), ("bias_correction", True)):
         result = qcore.quantize(model, calibration[0], backend=backend, calibration=calibration,
-                                config=four_bit_config(backend), measure_latency=False, bias_correction=corrected)
+                                config=four_bit_config(backend, per_channel), measure_latency=False,
+                                bias_correction=corrected)
         figures[name] = accuracy(result.model, x_test, y_test)
         with torch.no_grad():
             figures[f"{name}_db"] = sqnr_db(reference, torch.cat([result.model(x) for x in held_out]))
@@ -160,14 +170,19 @@ def test_bias_correction_on_the_lowered_digits_cnn_with_4_bit_weights():
 
 
 @pytest.mark.slow
-def test_bias_correction_raises_sqnr_and_accuracy_over_six_seeds():
-    rows = [digits_bias_correction(seed) for seed in range(6)]
+def test_bias_correction_raises_sqnr_and_accuracy_over_six_seeds_with_per_tensor_4_bit_weights():
+    # measured (reference backend, one thread): float 98.52%, plain 98.26%, corrected 98.52%; gain
+    # +0.26 points (sd 0.36), higher or equal on 6 of 6 seeds; +3.48 dB (sd 0.98, smallest 1.87)
+    rows = [digits_bias_correction(seed, per_channel=False) for seed in range(6)]
     gains_db = [r["bias_correction_db"] - r["plain_db"] for r in rows]
     gains = [r["bias_correction"] - r["plain"] for r in rows]
     for seed, r in enumerate(rows):
         print(f"\nseed {seed}: float {r['float']:.2f}%  4-bit PTQ {r['plain']:.2f}% ({r['plain_db']:.2f} dB)  "
               f"bias correction {r['bias_correction']:.2f}% ({r['bias_correction_db']:.2f} dB)", end="")
-    print(f"\nmean gain {statistics.mean(gains):+.2f} points (sd {statistics.stdev(gains):.2f}), "
+    standard_error = statistics.stdev(gains) / len(gains) ** 0.5
+    print(f"\nmean gain {statistics.mean(gains):+.2f} points (sd {statistics.stdev(gains):.2f}, "
+          f"standard error {standard_error:.2f}), "
           f"{statistics.mean(gains_db):+.2f} dB (sd {statistics.stdev(gains_db):.2f})")
-    assert sum(g > 0 for g in gains_db) >= 5 and statistics.mean(gains_db) >= 1.5
-    assert statistics.mean(gains) > 0 and sum(g < 0 for g in gains) <= 1
+    assert min(gains_db) > 1.5 and statistics.mean(gains_db) > 3.0
+    assert statistics.mean(gains) > standard_error  # measurably above zero, not just positive
+    assert all(g >= 0 for g in gains)  # never worse on any seed
