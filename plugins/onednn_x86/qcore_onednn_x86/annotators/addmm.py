@@ -43,6 +43,8 @@ from qcore.annotation import annotate_input, node_val
 from qcore.spec import QuantizationConfig, get_input_act_qspec, get_weight_qspec
 
 from qcore_onednn_x86.annotators.common import (
+    is_2d_float_constant,
+    swaps_the_two_dims,
     FilterFn,
     LinearWeight,
     TRANSPOSE_OPS,
@@ -54,26 +56,6 @@ from qcore_onednn_x86.annotators.common import (
 aten = torch.ops.aten
 
 ADDMM_OPS = (aten.addmm.default,)
-
-
-def _is_2d_float_constant(node: Any) -> bool:
-    val = node_val(node)
-    return (
-        isinstance(node, Node)
-        and node.op == "get_attr"
-        and isinstance(val, torch.Tensor)
-        and val.dim() == 2
-        and val.dtype.is_floating_point
-    )
-
-
-def _is_2d_transpose(node: Node) -> bool:
-    args: Any = node.args
-    if node.target is aten.t.default:
-        return True
-    if node.target is aten.permute.default:
-        return [d % 2 for d in args[1]] == [1, 0]
-    return node.target is aten.transpose.int and sorted(d % 2 for d in args[1:3]) == [0, 1]
 
 
 def addmm_weight(node: Any) -> Optional[LinearWeight]:
@@ -95,9 +77,9 @@ def addmm_weight(node: Any) -> Optional[LinearWeight]:
         return None
     if not isinstance(bias_val, torch.Tensor) or bias_val.dim() != 1 or bias_val.shape[0] != out_val.shape[-1]:
         return None
-    if _is_2d_float_constant(w):
+    if is_2d_float_constant(w):
         return LinearWeight(w, node, 1, None)
-    if is_call(w, TRANSPOSE_OPS) and len(w.users) == 1 and _is_2d_float_constant(w.args[0]) and _is_2d_transpose(w):
+    if is_call(w, TRANSPOSE_OPS) and len(w.users) == 1 and is_2d_float_constant(w.args[0]) and swaps_the_two_dims(w):
         return LinearWeight(w.args[0], w, 0, w)
     return None
 

@@ -158,7 +158,7 @@ MATMUL_OPS = (aten.matmul.default,)
 TRANSPOSE_OPS = (aten.t.default, aten.permute.default, aten.transpose.int)
 
 
-def _is_2d_float_constant(node: Any) -> bool:
+def is_2d_float_constant(node: Any) -> bool:
     val = node_val(node)
     return (
         isinstance(node, Node)
@@ -169,7 +169,7 @@ def _is_2d_float_constant(node: Any) -> bool:
     )
 
 
-def _swaps_the_two_dims(node: Node) -> bool:
+def swaps_the_two_dims(node: Node) -> bool:
     """True for ``t(w)``, ``permute(w, [1, 0])`` and ``transpose(w, 0, 1)`` of a 2-D ``w``."""
     if node.target is aten.t.default:
         return True
@@ -205,13 +205,13 @@ def linear_weight(node: Any) -> Optional[LinearWeight]:
     x_val = node_val(x)
     if not isinstance(x_val, torch.Tensor) or x_val.dim() < 2 or not x_val.dtype.is_floating_point:
         return None
-    if _is_2d_float_constant(w):
+    if is_2d_float_constant(w):
         return LinearWeight(w, node, 1, None)
     if (
         is_call(w, TRANSPOSE_OPS)
         and len(w.users) == 1
-        and _is_2d_float_constant(w.args[0])
-        and _swaps_the_two_dims(w)
+        and is_2d_float_constant(w.args[0])
+        and swaps_the_two_dims(w)
     ):
         return LinearWeight(w.args[0], w, 0, w)
     return None
@@ -249,5 +249,7 @@ __all__ = [
     "LinearWeight",
     "linear_weight",
     "is_linear_like",
+    "is_2d_float_constant",
+    "swaps_the_two_dims",
     "get_annotation",
 ]
