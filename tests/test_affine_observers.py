@@ -160,6 +160,16 @@ class LinearQuantizer(Quantizer):
         pass
 
 
+def affine_spec(granularity) -> QuantizationSpec:
+    """uint8 symmetric through torchao's affine min/max observer at ``granularity`` (torchao imported here)."""
+    from torchao.quantization.pt2e._affine_quantization import AffineQuantizedMinMaxObserver
+    from torchao.quantization.pt2e.observer import MappingType
+
+    return QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=None,
+                            observer_or_fake_quant_ctr=AffineQuantizedMinMaxObserver.with_args(
+                                target_dtype=torch.uint8, mapping_type=MappingType.SYMMETRIC, granularity=granularity))
+
+
 def _sqnr(expected: torch.Tensor, actual: torch.Tensor) -> float:
     expected, actual = expected.detach(), actual.detach()
     return float(20 * torch.log10(expected.norm() / (expected - actual).norm()))
@@ -168,14 +178,9 @@ def _sqnr(expected: torch.Tensor, actual: torch.Tensor) -> float:
 @pytest.mark.torchao
 def test_per_group_weight_and_per_token_activation_with_affine_observers():
     pytest.importorskip("torchao")
-    from torchao.quantization.pt2e._affine_quantization import AffineQuantizedMinMaxObserver
-    from torchao.quantization.pt2e.observer import MappingType, PerGroup, PerToken
+    from torchao.quantization.pt2e.observer import PerGroup, PerToken
 
-    def spec(granularity):
-        return QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=None,
-                                observer_or_fake_quant_ctr=AffineQuantizedMinMaxObserver.with_args(
-                                    target_dtype=torch.uint8, mapping_type=MappingType.SYMMETRIC,
-                                    granularity=granularity))
+    spec = affine_spec
 
     torch.manual_seed(0)
     model = Linear128()
@@ -224,14 +229,9 @@ def test_folded_affine_weight_is_named_as_torchao_names_it():
     ``_frozen_param0`` (torchao's constant folding name; the float ``linear_weight`` is gone);
     fold_quantize=False keeps ``linear_weight`` and no ``_frozen_param``. Both compute the same."""
     pytest.importorskip("torchao")
-    from torchao.quantization.pt2e._affine_quantization import AffineQuantizedMinMaxObserver
-    from torchao.quantization.pt2e.observer import MappingType, PerGroup, PerToken
+    from torchao.quantization.pt2e.observer import PerGroup, PerToken
 
-    def spec(granularity):
-        return QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=None,
-                                observer_or_fake_quant_ctr=AffineQuantizedMinMaxObserver.with_args(
-                                    target_dtype=torch.uint8, mapping_type=MappingType.SYMMETRIC,
-                                    granularity=granularity))
+    spec = affine_spec
 
     torch.manual_seed(0)
     model = Linear128()
