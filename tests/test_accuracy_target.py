@@ -241,3 +241,18 @@ def test_the_readme_accuracy_example_runs_and_keeps_fc1_float(capsys):
     assert [d.partition for d in names["result"].report.kept_float] == ["linear_1"]
     assert "kept float: linear_1 (linear_1, gelu), step 1: the most sensitive" in capsys.readouterr().out
     assert names["smoothed"].report.algorithms[0].startswith("smooth_quant alpha=0.5: smoothed the input of linear_1")
+
+
+@requires_backend("onednn")
+def test_the_target_is_searched_on_top_of_smooth_quant():
+    """With SmoothQuant first, the same target needs no float partition at all (the search builds
+    every candidate from the smoothed graph, and measures it against the user's float model)."""
+    model = OutlierMLP().eval()
+    calibration = outlier_mlp_data(batches=4)
+    plain_db = prepare_flow(model, calibration[0], "onednn", calibration=calibration).sqnr_db({})
+    result = qcore.quantize(model, calibration[0], backend="onednn", calibration=calibration, measure_latency=False,
+                            min_sqnr_db=plain_db + 10.0, smooth_quant=0.5)
+    assert result.report.kept_float == []
+    assert result.report.algorithms[0].startswith("smooth_quant alpha=0.5: smoothed the input of linear_1")
+    assert measured_sqnr(model, result.model, calibration) >= plain_db + 10.0
+    assert linear_states(result) == {"linear": "int8", "linear_1": "int8", "linear_2": "int8", "linear_3": "int8"}
