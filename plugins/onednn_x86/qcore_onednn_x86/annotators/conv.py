@@ -42,11 +42,13 @@ def _convs(model: GraphModule, ops: tuple = CONV_OPS) -> list[Node]:
     return [n for n in model.graph.nodes if is_call(n, ops) and weight_is_constant(n)]
 
 
-def _annotate_conv_unary(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn, ops: tuple) -> list[list[Node]]:
+def _annotate_conv_unary(
+    model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn, ops: tuple, unary_ops: tuple = CONV_UNARY_OPS
+) -> list[list[Node]]:
     partitions = []
     for conv in _convs(model, ops):
         unary = single_user(conv)
-        if not is_call(unary, CONV_UNARY_OPS) or should_skip([conv, unary], filter_fn):
+        if not is_call(unary, unary_ops) or should_skip([conv, unary], filter_fn):
             continue
         annotate_weighted_op(conv, config)
         partitions.append(claim_partition([conv, unary], unary, config))
@@ -140,14 +142,7 @@ def annotate_conv1d_conv3d(model: GraphModule, config: QuantizationConfig, filte
 
 def annotate_conv1d_relu(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
     """conv1d followed by its only user, a relu: the one conv1d pattern torchao's x86 recipe has."""
-    partitions = []
-    for conv in _convs(model, CONV1D_CONV3D_OPS[:1]):
-        relu = single_user(conv)
-        if not is_call(relu, RELU_OPS) or should_skip([conv, relu], filter_fn):
-            continue
-        annotate_weighted_op(conv, config)
-        partitions.append(claim_partition([conv, relu], relu, config))
-    return partitions
+    return _annotate_conv_unary(model, config, filter_fn, CONV1D_CONV3D_OPS[:1], RELU_OPS)
 
 
 def annotate_conv1d_unary(model: GraphModule, config: QuantizationConfig, filter_fn: FilterFn) -> list[list[Node]]:
